@@ -1,0 +1,141 @@
+//! `replicast dev-cluster`: N replicas on 127.0.0.1, 127.0.0.2, ... in this
+//! process, discovering each other through a DNS server on loopback that
+//! serves the headless name, exactly as they would through CoreDNS in a
+//! cluster. Prints how to talk to it, then every delivery as it arrives.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    process::ExitCode,
+};
+
+use clap::Parser;
+use tokio::task::JoinSet;
+
+use super::{CliError, client::delivery_json, connect, shutdown_signal};
+use crate::{
+    config::{Config, ServeArgs},
+    devdns::DevDns,
+    proto::v1::SubscribeRequest,
+    server::ServerHandle,
+};
+
+/// The zone the dev DNS server is authoritative for.
+const ZONE: &str = "replicast.local.";
+/// The headless name, as a Service `replicast-headless` would have.
+const HEADLESS: &str = "replicast-headless.replicast.local.";
+
+/// `replicast dev-cluster` flags.
+#[derive(Debug, clap::Args)]
+pub struct DevClusterArgs {
+    /// Number of replicas (on 127.0.0.1 .. 127.0.0.N).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub replicas: u8,
+    /// Port every replica listens on (as in a Deployment, one port, many IPs).
+    #[arg(long, default_value_t = 7420)]
+    pub port: u16,
+    /// Time between peer lookups.
+    #[arg(long, default_value = "2s")]
+    pub refresh_interval: String,
+    /// Do not print deliveries (for benchmarks).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Runs the cluster until Ctrl-C or SIGTERM.
+pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
+    let dns = DevDns::start(IpAddr::V4(Ipv4Addr::LOCALHOST), ZONE).await?;
+    let ips: Vec<IpAddr> = (1..=args.replicas)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
+        .collect();
+    dns.set_addresses(HEADLESS, &ips).await?;
+
+    let mut replicas = Vec::new();
+    for ip in &ips {
+        let listen = SocketAddr::new(*ip, args.port).to_string();
+        let dns_server = dns.addr().to_string();
+        let serve = ServeArgs::try_parse_from([
+            "serve",
+            "--listen",
+            &listen,
+            "--peers-dns",
+            HEADLESS,
+            "--dns-server",
+            &dns_server,
+            "--refresh-interval",
+            &args.refresh_interval,
+        ])?;
+        let config = Config::try_from(serve)?;
+        let handle = ServerHandle::start(config)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e} (is another dev-cluster running?)"))?;
+        replicas.push(handle);
+    }
+
+    print_banner(&ips, args.port, dns.addr());
+
+    let mut printers = JoinSet::new();
+    if !args.quiet {
+        for ip in &ips {
+            let addr = SocketAddr::new(*ip, args.port);
+            printers.spawn(print_deliveries(addr));
+        }
+    }
+
+    shutdown_signal().await;
+    eprintln!("\nstopping the cluster…");
+    printers.abort_all();
+    for replica in replicas {
+        replica.shutdown().await?;
+    }
+    dns.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_banner(ips: &[IpAddr], port: u16, dns: SocketAddr) {
+    let first = SocketAddr::new(ips[0], port);
+    let last = SocketAddr::new(ips[ips.len() - 1], port);
+    println!("replicast dev-cluster: {} replicas", ips.len());
+    for ip in ips {
+        println!("  replica  {}", SocketAddr::new(*ip, port));
+    }
+    println!("  dns      {dns}  serving {HEADLESS} (A records, one per replica)");
+    println!();
+    println!("Try, in another terminal:");
+    println!("  grpcurl -plaintext {first} list");
+    println!(
+        "  grpcurl -plaintext -d '{{\"topic\":\"demo\",\"payload\":\"aGVsbG8=\"}}' {first} replicast.v1.Replicast/Broadcast"
+    );
+    println!("  grpcurl -plaintext {first} grpc.health.v1.Health/Check");
+    println!("  cargo run -- send --to {last} --topic demo --data 'hello from the last replica'");
+    println!("  cargo run -- subscribe --to {first} --topic 'demo*'");
+    println!("  cargo run -- peers --to {first}");
+    println!("  cargo run --release -- bench --to {first}");
+    println!();
+    println!("Deliveries (Ctrl-C to stop):");
+}
+
+/// Prints one replica's deliveries, reconnecting if its stream ends.
+async fn print_deliveries(addr: SocketAddr) {
+    let Ok(mut client) = connect(&addr.to_string()).await else {
+        eprintln!("[{addr}] cannot connect to print deliveries");
+        return;
+    };
+    let mut after = 0;
+    loop {
+        let request = SubscribeRequest {
+            topics: vec![],
+            after_sequence: after,
+        };
+        let mut stream = match client.subscribe(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                eprintln!("[{addr}] subscribe failed: {}", status.message());
+                return;
+            }
+        };
+        while let Ok(Some(delivery)) = stream.message().await {
+            after = delivery.sequence;
+            println!("[{addr}] {}", delivery_json(&delivery));
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The command line: `serve`, `dev-cluster` and the client commands.
+
+mod bench;
+mod client;
+mod dev_cluster;
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{
+    config::{Config, ServeArgs},
+    proto::v1::replicast_client::ReplicastClient,
+    server,
+};
+
+pub use self::{
+    bench::BenchArgs,
+    client::{PeersArgs, SendArgs, SubscribeArgs},
+    dev_cluster::DevClusterArgs,
+};
+
+/// Deliver a message to every replica of a workload, over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "replicast", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one replica.
+    Serve(ServeArgs),
+    /// Run a local cluster of N replicas on 127.0.0.1, 127.0.0.2, ... that
+    /// find each other through a DNS server on loopback.
+    DevCluster(DevClusterArgs),
+    /// Broadcast one message and print a receipt per replica.
+    Send(SendArgs),
+    /// Print the deliveries of one replica as JSON lines.
+    Subscribe(SubscribeArgs),
+    /// Print a replica's view of the cluster.
+    Peers(PeersArgs),
+    /// Measure Broadcast latency and throughput against a running cluster.
+    Bench(BenchArgs),
+}
+
+/// A failed command, printed by `main`.
+pub type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Cli {
+    /// Runs the command; the exit code says whether it succeeded.
+    pub async fn run(self) -> Result<ExitCode, CliError> {
+        match self.command {
+            Command::Serve(args) => {
+                let config = Config::try_from(args)?;
+                let listener = TcpListener::bind(config.listen)
+                    .await
+                    .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+                server::serve(config, listener, shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::DevCluster(args) => dev_cluster::run(args).await,
+            Command::Send(args) => client::send(args).await,
+            Command::Subscribe(args) => client::subscribe(args).await,
+            Command::Peers(args) => client::peers(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+/// Connects a client to `addr` (`host:port` or a URL).
+pub async fn connect(addr: &str) -> Result<ReplicastClient<Channel>, CliError> {
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Endpoint::from_shared(url.clone())
+        .map_err(|e| format!("bad address {addr}: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    Ok(ReplicastClient::new(channel)
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .max_encoding_message_size(256 * 1024 * 1024))
+}

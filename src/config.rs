@@ -1,0 +1,278 @@
+//! The replica's configuration: flags (each also an environment variable),
+//! validated into a [`Config`] before anything binds.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use crate::{
+    discovery::{DiscoveryConfig, PeerSource},
+    local::LocalLimits,
+};
+
+/// Largest `--max-message-bytes` accepted.
+const MAX_MESSAGE_BYTES_CEILING: usize = 64 * 1024 * 1024;
+/// Room on top of the payload limit for the rest of a message (topic, id,
+/// headers, origin): gRPC frames are checked against payload + this.
+const ENVELOPE_HEADROOM: usize = 512 * 1024;
+
+/// `replicast serve` flags.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "serve")]
+pub struct ServeArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "REPLICAST_LISTEN", default_value = "127.0.0.1:7420")]
+    pub listen: SocketAddr,
+
+    /// This replica's address as peers see it (how DNS lists it). Defaults to
+    /// POD_IP and the listen port, then to the listen address.
+    #[arg(long, env = "REPLICAST_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
+
+    /// The pod's IP (Kubernetes downward API: status.podIP).
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<IpAddr>,
+
+    /// Headless Service name whose A/AAAA records are the replicas.
+    #[arg(long, env = "REPLICAST_PEERS_DNS", conflicts_with_all = ["peers_srv", "static_peers"])]
+    pub peers_dns: Option<String>,
+
+    /// SRV name (e.g. _grpc._tcp.replicast-headless.default.svc.cluster.local)
+    /// whose targets and ports are the replicas.
+    #[arg(long, env = "REPLICAST_PEERS_SRV", conflicts_with = "static_peers")]
+    pub peers_srv: Option<String>,
+
+    /// Fixed peer list (ip:port,ip:port), instead of DNS.
+    #[arg(long, env = "REPLICAST_STATIC_PEERS", value_delimiter = ',')]
+    pub static_peers: Vec<SocketAddr>,
+
+    /// Port of the replicas found with --peers-dns. Defaults to the listen port.
+    #[arg(long, env = "REPLICAST_PEER_PORT")]
+    pub peer_port: Option<u16>,
+
+    /// DNS server (ip:port) to query instead of /etc/resolv.conf.
+    #[arg(long, env = "REPLICAST_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// Time between peer lookups.
+    #[arg(long, env = "REPLICAST_REFRESH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub refresh_interval: Duration,
+
+    /// Deadline of a Broadcast whose caller set none.
+    #[arg(long, env = "REPLICAST_BROADCAST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub broadcast_timeout: Duration,
+
+    /// Cap on each peer hop of a Broadcast.
+    #[arg(long, env = "REPLICAST_PEER_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub peer_timeout: Duration,
+
+    /// Largest accepted payload, in bytes.
+    #[arg(long, env = "REPLICAST_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Recent deliveries kept for subscribers that resume with after_sequence.
+    #[arg(long, env = "REPLICAST_REPLAY_CAPACITY", default_value_t = 10_000)]
+    pub replay_capacity: usize,
+
+    /// Message ids remembered for deduplication.
+    #[arg(long, env = "REPLICAST_DEDUP_CAPACITY", default_value_t = 100_000)]
+    pub dedup_capacity: usize,
+
+    /// How long a message id is remembered for deduplication.
+    #[arg(long, env = "REPLICAST_DEDUP_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub dedup_ttl: Duration,
+
+    /// How many deliveries one subscriber may fall behind before it is
+    /// disconnected (told where to resume).
+    #[arg(long, env = "REPLICAST_SUBSCRIBER_BUFFER", default_value_t = 1024)]
+    pub subscriber_buffer: usize,
+
+    /// On shutdown, how long to wait for in-flight work before exiting.
+    #[arg(long, env = "REPLICAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// This replica's identity in the peer set.
+    pub advertise: SocketAddr,
+    pub discovery: DiscoveryConfig,
+    pub broadcast_timeout: Duration,
+    pub peer_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub local: LocalLimits,
+    pub drain_timeout: Duration,
+}
+
+/// A flag with a value that cannot work. The message names both.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag} {value}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+impl Config {
+    /// The largest gRPC message a replica sends or accepts.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_message_bytes + ENVELOPE_HEADROOM
+    }
+}
+
+impl TryFrom<ServeArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: ServeArgs) -> Result<Self, ConfigError> {
+        let err = |flag, value: &dyn std::fmt::Display, reason| ConfigError {
+            flag,
+            value: value.to_string(),
+            reason,
+        };
+        let positive = |flag, d: Duration| {
+            if d.is_zero() {
+                Err(err(
+                    flag,
+                    &humantime::format_duration(d),
+                    "must be greater than zero",
+                ))
+            } else {
+                Ok(d)
+            }
+        };
+        positive("broadcast-timeout", args.broadcast_timeout)?;
+        positive("peer-timeout", args.peer_timeout)?;
+        positive("dedup-ttl", args.dedup_ttl)?;
+        if args.refresh_interval < Duration::from_millis(100) {
+            return Err(err(
+                "refresh-interval",
+                &humantime::format_duration(args.refresh_interval),
+                "must be at least 100ms",
+            ));
+        }
+        if args.max_message_bytes == 0 || args.max_message_bytes > MAX_MESSAGE_BYTES_CEILING {
+            return Err(err(
+                "max-message-bytes",
+                &args.max_message_bytes,
+                "must be between 1 and 67108864",
+            ));
+        }
+        if args.subscriber_buffer == 0 {
+            return Err(err("subscriber-buffer", &0, "must be at least 1"));
+        }
+        if args.dedup_capacity == 0 {
+            return Err(err("dedup-capacity", &0, "must be at least 1"));
+        }
+
+        let advertise = args
+            .advertise
+            .or_else(|| args.pod_ip.map(|ip| SocketAddr::new(ip, args.listen.port())))
+            .unwrap_or(args.listen);
+        if advertise.port() == 0 {
+            return Err(err(
+                "advertise",
+                &advertise,
+                "needs a real port (the listen port is 0)",
+            ));
+        }
+
+        let source = match (args.peers_dns, args.peers_srv) {
+            (Some(name), _) if name.trim().is_empty() => {
+                return Err(err("peers-dns", &"\"\"", "must be a DNS name"));
+            }
+            (_, Some(name)) if name.trim().is_empty() => {
+                return Err(err("peers-srv", &"\"\"", "must be a DNS name"));
+            }
+            (Some(name), None) => PeerSource::Dns {
+                name,
+                port: args.peer_port.unwrap_or(advertise.port()),
+            },
+            (None, Some(name)) => PeerSource::Srv { name },
+            (Some(_), Some(_)) => unreachable!("clap rejects --peers-dns with --peers-srv"),
+            (None, None) => PeerSource::Static(args.static_peers),
+        };
+
+        Ok(Self {
+            listen: args.listen,
+            advertise,
+            discovery: DiscoveryConfig {
+                source,
+                dns_server: args.dns_server,
+                refresh_interval: args.refresh_interval,
+            },
+            broadcast_timeout: args.broadcast_timeout,
+            peer_timeout: args.peer_timeout,
+            max_message_bytes: args.max_message_bytes,
+            local: LocalLimits {
+                replay_capacity: args.replay_capacity,
+                dedup_capacity: args.dedup_capacity,
+                dedup_ttl: args.dedup_ttl,
+                subscriber_buffer: args.subscriber_buffer,
+            },
+            drain_timeout: args.drain_timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["serve"];
+        argv.extend_from_slice(args);
+        Config::try_from(ServeArgs::try_parse_from(argv).expect("flags parse"))
+    }
+
+    #[test]
+    fn defaults_are_a_cluster_of_one_on_loopback() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7420".parse().unwrap());
+        assert_eq!(c.advertise, c.listen);
+        assert_eq!(c.discovery.source, PeerSource::Static(vec![]));
+        assert_eq!(c.peer_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn advertise_falls_back_to_pod_ip_then_listen() {
+        let c = parse(&["--listen", "0.0.0.0:9000", "--pod-ip", "10.1.2.3"]).unwrap();
+        assert_eq!(c.advertise, "10.1.2.3:9000".parse().unwrap());
+        let c = parse(&["--advertise", "10.9.9.9:1", "--pod-ip", "10.1.2.3"]).unwrap();
+        assert_eq!(c.advertise, "10.9.9.9:1".parse().unwrap());
+    }
+
+    #[test]
+    fn dns_peer_port_defaults_to_listen_port() {
+        let c = parse(&[
+            "--listen",
+            "127.0.0.1:7777",
+            "--peers-dns",
+            "svc.ns.svc.cluster.local",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.discovery.source,
+            PeerSource::Dns {
+                name: "svc.ns.svc.cluster.local".into(),
+                port: 7777
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let e = parse(&["--peer-timeout", "0s"]).unwrap_err();
+        assert_eq!(e.flag, "peer-timeout");
+        let e = parse(&["--max-message-bytes", "0"]).unwrap_err();
+        assert!(e.to_string().starts_with("--max-message-bytes 0:"), "{e}");
+        assert!(
+            ServeArgs::try_parse_from(["serve", "--peers-dns", "a", "--static-peers", "127.0.0.1:1"])
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! One long-lived DeliverStream to one peer, shared by every Broadcast.
+//!
+//! Why a stream and not a unary Deliver per message: on this machine one
+//! long-lived tonic bidi stream per receiver carried about 7-19x more messages
+//! per second than one unary call per message at 16-64 in flight
+//! (`shared/bench-peers/results.md`: grpc-bidi vs grpc-unary). The per-call
+//! cost of unary (new HTTP/2 stream, headers, trailers) dominates small
+//! messages.
+//!
+//! A [`PeerLink`] owns a task that opens the stream on first use, writes one
+//! tagged frame per hop, matches acks to hops by tag, and reopens the stream
+//! after it breaks. Each hop carries its own deadline, enforced by the caller
+//! of [`PeerLink::deliver`], so a hung or slow peer delays only the hops to
+//! that peer.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Code, Status, Streaming,
+    transport::{Channel, Endpoint},
+};
+use tracing::debug;
+
+use crate::{
+    error::HopError,
+    proto::v1::{DeliverAck, DeliverFrame, DeliverResponse, Message, replicast_client::ReplicastClient},
+};
+
+/// Hops waiting for the link task. Beyond this, callers wait (within their
+/// deadline) for room.
+const HOP_QUEUE: usize = 1024;
+/// Frames written but not yet taken by the HTTP/2 connection. A peer that
+/// stops reading (flow control) fills this, and further hops fail at once
+/// instead of piling up.
+const FRAME_QUEUE: usize = 4096;
+/// How often hops abandoned by their callers are dropped from the pending map.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Connection settings for peer links.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Largest message accepted or sent on the stream.
+    pub max_frame_bytes: usize,
+}
+
+type HopResult = Result<DeliverResponse, HopError>;
+
+struct Hop {
+    message: Message,
+    reply_tx: oneshot::Sender<HopResult>,
+}
+
+/// The link to one peer. Dropping the last handle stops its task.
+#[derive(Debug)]
+pub struct PeerLink {
+    hop_tx: mpsc::Sender<Hop>,
+    task: JoinHandle<()>,
+}
+
+impl PeerLink {
+    /// Creates the link; nothing connects until the first hop.
+    pub fn new(addr: SocketAddr, config: LinkConfig) -> Self {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a socket address is a valid URI authority")
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            // Notice a peer that vanished without closing the connection.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let client = ReplicastClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(config.max_frame_bytes)
+            .max_encoding_message_size(config.max_frame_bytes);
+        let (hop_tx, hop_rx) = mpsc::channel(HOP_QUEUE);
+        let task = tokio::spawn(run(addr, client, hop_rx));
+        Self { hop_tx, task }
+    }
+
+    /// Delivers `message` to the peer, giving up at `deadline`.
+    pub async fn deliver(&self, message: Message, deadline: Instant) -> HopResult {
+        let started = Instant::now();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let hop = async {
+            self.hop_tx
+                .send(Hop { message, reply_tx })
+                .await
+                .map_err(|_| HopError::ShuttingDown)?;
+            reply_rx
+                .await
+                .map_err(|_| HopError::Unavailable("the link to the peer closed before it answered".into()))?
+        };
+        match tokio::time::timeout_at(deadline.into(), hop).await {
+            Ok(result) => result,
+            Err(_) => Err(HopError::Timeout(deadline.saturating_duration_since(started))),
+        }
+    }
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        // The task would also end when `hop_tx` closes, but not while it is
+        // waiting on a hung peer; abort makes the end immediate.
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for Hop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hop").field("id", &self.message.id).finish()
+    }
+}
+
+/// The link task: (re)open the stream when there is work, then pump frames
+/// and acks until the stream breaks.
+async fn run(addr: SocketAddr, client: ReplicastClient<Channel>, mut hop_rx: mpsc::Receiver<Hop>) {
+    let mut next_tag: u64 = 0;
+    loop {
+        let Some(first) = next_live_hop(&mut hop_rx).await else {
+            return;
+        };
+        let (frame_tx, frame_rx) = mpsc::channel(FRAME_QUEUE);
+        let mut session = Session {
+            frame_tx,
+            pending: HashMap::new(),
+        };
+        session.send(first, &mut next_tag);
+        // The call resolves once the peer answers with response headers. The
+        // first frame is already queued; if opening fails, it fails with it.
+        let mut stream_client = client.clone();
+        let opened = tokio::select! {
+            opened = stream_client.deliver_stream(ReceiverStream::new(frame_rx)) => opened,
+            // Every hop waiting on the open was abandoned (deadline passed):
+            // give up on this attempt rather than wait on a hung peer forever.
+            () = session.all_abandoned() => {
+                debug!(%addr, "opening the delivery stream timed out");
+                continue;
+            }
+        };
+        let acks = match opened {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                debug!(%addr, %status, "cannot open the delivery stream");
+                session.fail_all(&hop_error(&status, "cannot open the delivery stream"));
+                continue;
+            }
+        };
+        let reason = session.pump(&mut hop_rx, acks, &mut next_tag).await;
+        match reason {
+            None => return,
+            Some(error) => {
+                debug!(%addr, %error, "delivery stream ended");
+                session.fail_all(&error);
+            }
+        }
+    }
+}
+
+/// The next hop whose caller is still waiting; `None` when the link is closed.
+async fn next_live_hop(hop_rx: &mut mpsc::Receiver<Hop>) -> Option<Hop> {
+    loop {
+        let hop = hop_rx.recv().await?;
+        if !hop.reply_tx.is_closed() {
+            return Some(hop);
+        }
+    }
+}
+
+/// One open (or opening) DeliverStream.
+struct Session {
+    frame_tx: mpsc::Sender<DeliverFrame>,
+    pending: HashMap<u64, oneshot::Sender<HopResult>>,
+}
+
+impl Session {
+    fn send(&mut self, hop: Hop, next_tag: &mut u64) {
+        *next_tag += 1;
+        let tag = *next_tag;
+        let frame = DeliverFrame {
+            tag,
+            message: Some(hop.message),
+        };
+        match self.frame_tx.try_send(frame) {
+            Ok(()) => {
+                self.pending.insert(tag, hop.reply_tx);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let _ = hop.reply_tx.send(Err(HopError::Unavailable(format!(
+                    "the peer is not reading: {FRAME_QUEUE} frames are waiting to be sent"
+                ))));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                let _ = hop
+                    .reply_tx
+                    .send(Err(HopError::Unavailable("the delivery stream closed".into())));
+            }
+        }
+    }
+
+    /// Resolves when no caller is waiting on this session any more.
+    async fn all_abandoned(&mut self) {
+        let mut sweep = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            sweep.tick().await;
+            self.pending.retain(|_, reply_tx| !reply_tx.is_closed());
+            if self.pending.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Moves hops to the stream and acks to their callers. Returns `None` when
+    /// the link was closed, or why the stream ended.
+    async fn pump(
+        &mut self,
+        hop_rx: &mut mpsc::Receiver<Hop>,
+        mut acks: Streaming<DeliverAck>,
+        next_tag: &mut u64,
+    ) -> Option<HopError> {
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                hop = hop_rx.recv() => match hop {
+                    Some(hop) if !hop.reply_tx.is_closed() => self.send(hop, next_tag),
+                    Some(_abandoned) => {}
+                    None => return None,
+                },
+                ack = acks.message() => match ack {
+                    Ok(Some(ack)) => self.complete(ack),
+                    Ok(None) => return Some(HopError::Unavailable("the peer closed the delivery stream".into())),
+                    Err(status) => return Some(hop_error(&status, "the delivery stream broke")),
+                },
+                _ = sweep.tick() => self.pending.retain(|_, reply_tx| !reply_tx.is_closed()),
+            }
+        }
+    }
+
+    fn complete(&mut self, ack: DeliverAck) {
+        let Some(reply_tx) = self.pending.remove(&ack.tag) else {
+            return; // its caller gave up and the sweep dropped it
+        };
+        let result = if ack.code == Code::Ok as i32 {
+            Ok(ack.response.unwrap_or_default())
+        } else {
+            Err(HopError::Rejected {
+                code: Code::from_i32(ack.code),
+                message: ack.error,
+            })
+        };
+        // The caller may have timed out meanwhile; then nobody needs this.
+        let _ = reply_tx.send(result);
+    }
+
+    fn fail_all(&mut self, error: &HopError) {
+        for (_, reply_tx) in self.pending.drain() {
+            let _ = reply_tx.send(Err(error.clone()));
+        }
+    }
+}
+
+fn hop_error(status: &Status, context: &str) -> HopError {
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal => {
+            HopError::Unavailable(format!("{context}: {}", status.message()))
+        }
+        code => HopError::Rejected {
+            code,
+            message: format!("{context}: {}", status.message()),
+        },
+    }
+}

@@ -1,0 +1,245 @@
+//! Fan-out: deliver one message to every replica and collect receipts.
+//!
+//! The receiving replica delivers to itself in-process (never over the
+//! network, so a cluster that includes itself cannot deadlock on itself) and
+//! to every other peer over that peer's [`PeerLink`]. Each remote hop runs as
+//! its own task with its own deadline, so one slow, hung or dead peer delays
+//! nobody else. Broadcast returns as soon as the ack policy is decided; hops
+//! still in flight finish in the background, owned by the fan-out's task
+//! tracker, which shutdown drains.
+
+pub mod budget;
+mod link;
+pub mod policy;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use self::policy::{Tally, Verdict};
+pub use self::{
+    budget::Budget,
+    link::{LinkConfig, PeerLink},
+};
+use crate::{
+    error::{Error, HopError, code_name},
+    local::LocalDelivery,
+    proto::v1::{AckPolicy, BroadcastResponse, DeliverResponse, Message, PeerOutcome},
+};
+
+/// Delivers messages to the whole peer set.
+#[derive(Debug)]
+pub struct FanOut {
+    self_addr: SocketAddr,
+    local: Arc<LocalDelivery>,
+    links: Mutex<HashMap<SocketAddr, Arc<PeerLink>>>,
+    link_config: LinkConfig,
+    /// Owns every hop task; shutdown waits on it.
+    hops: TaskTracker,
+}
+
+/// What became of one replica's delivery.
+#[derive(Debug)]
+struct Receipt {
+    local: bool,
+    /// `None` while still in flight.
+    result: Option<Result<DeliverResponse, HopError>>,
+    latency: Duration,
+}
+
+impl FanOut {
+    pub fn new(self_addr: SocketAddr, local: Arc<LocalDelivery>, link_config: LinkConfig) -> Self {
+        Self {
+            self_addr,
+            local,
+            links: Mutex::new(HashMap::new()),
+            link_config,
+            hops: TaskTracker::new(),
+        }
+    }
+
+    /// Delivers `message` to this replica and every address in `peers`, and
+    /// waits for `policy` within `budget`.
+    pub async fn broadcast(
+        &self,
+        message: Message,
+        peers: &[SocketAddr],
+        policy: AckPolicy,
+        budget: Budget,
+    ) -> Result<BroadcastResponse, Error> {
+        let started = Instant::now();
+        let hop_deadline = budget.hop_deadline(started);
+        let remotes: Vec<SocketAddr> = peers.iter().copied().filter(|p| *p != self.self_addr).collect();
+        let mut tally = Tally::new(policy, remotes.len() + 1);
+        let mut receipts: BTreeMap<SocketAddr, Receipt> = BTreeMap::new();
+
+        // Start the network hops first so they overlap with local delivery.
+        // The channel has room for every receipt: a hop finishing after
+        // Broadcast returned never waits on it.
+        let (done_tx, mut done_rx) = mpsc::channel(remotes.len().max(1));
+        for &peer in &remotes {
+            receipts.insert(
+                peer,
+                Receipt {
+                    local: false,
+                    result: None,
+                    latency: Duration::ZERO,
+                },
+            );
+            let link = self.link(peer);
+            let message = message.clone();
+            let done_tx = done_tx.clone();
+            self.hops.spawn(async move {
+                let result = link.deliver(message, hop_deadline).await;
+                if let Err(error) = &result {
+                    debug!(%peer, %error, "hop failed");
+                }
+                // Fails only when Broadcast already returned; the receipt is
+                // then reported as pending, which is what happened.
+                let _ = done_tx.send((peer, result, started.elapsed())).await;
+            });
+        }
+        drop(done_tx);
+
+        let delivered = self.local.deliver(message.clone());
+        tally.ack();
+        receipts.insert(
+            self.self_addr,
+            Receipt {
+                local: true,
+                result: Some(Ok(DeliverResponse {
+                    id: message.id.clone(),
+                    sequence: delivered.sequence,
+                    duplicate: delivered.duplicate,
+                })),
+                latency: started.elapsed(),
+            },
+        );
+
+        let mut deadline_exceeded = false;
+        while tally.verdict().is_none() {
+            match tokio::time::timeout_at(budget.deadline.into(), done_rx.recv()).await {
+                Ok(Some((peer, result, latency))) => {
+                    match &result {
+                        Ok(_) => tally.ack(),
+                        Err(_) => tally.fail(),
+                    }
+                    if let Some(receipt) = receipts.get_mut(&peer) {
+                        receipt.result = Some(result);
+                        receipt.latency = latency;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    deadline_exceeded = true;
+                    break;
+                }
+            }
+        }
+
+        let response = BroadcastResponse {
+            id: message.id.clone(),
+            replicas: receipts.len() as u32,
+            acked: tally.acked() as u32,
+            outcomes: receipts.iter().map(|(peer, r)| outcome(*peer, r)).collect(),
+            ack: policy as i32,
+            required: tally.required() as u32,
+        };
+        if tally.verdict() == Some(Verdict::Met) {
+            return Ok(response);
+        }
+        Err(Error::PolicyNotMet {
+            summary: failure_summary(&response, policy, &receipts),
+            deadline_exceeded,
+            response: Box::new(response),
+        })
+    }
+
+    /// Drops the links to peers that left the peer set.
+    pub fn retain_links(&self, peers: &[SocketAddr]) {
+        self.lock_links().retain(|addr, _| peers.contains(addr));
+    }
+
+    /// Waits (at most `grace`) for hops still in flight, then drops the links.
+    pub async fn drain(&self, grace: Duration) {
+        self.hops.close();
+        if tokio::time::timeout(grace, self.hops.wait()).await.is_err() {
+            debug!(
+                remaining = self.hops.len(),
+                "hops still in flight after the drain period"
+            );
+        }
+        self.lock_links().clear();
+    }
+
+    fn link(&self, peer: SocketAddr) -> Arc<PeerLink> {
+        self.lock_links()
+            .entry(peer)
+            .or_insert_with(|| Arc::new(PeerLink::new(peer, self.link_config)))
+            .clone()
+    }
+
+    fn lock_links(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<PeerLink>>> {
+        // Held only for map operations, never across an await.
+        self.links.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn outcome(peer: SocketAddr, receipt: &Receipt) -> PeerOutcome {
+    let mut outcome = PeerOutcome {
+        peer: peer.to_string(),
+        local: receipt.local,
+        latency: Some(prost_types::Duration::try_from(receipt.latency).unwrap_or_default()),
+        ..PeerOutcome::default()
+    };
+    match &receipt.result {
+        None => {
+            outcome.pending = true;
+            outcome.code = tonic::Code::Unknown as i32;
+            outcome.message = "still in flight when the response was sent".to_owned();
+            outcome.latency = None;
+        }
+        Some(Ok(delivered)) => {
+            outcome.duplicate = delivered.duplicate;
+            outcome.sequence = delivered.sequence;
+        }
+        Some(Err(error)) => {
+            outcome.code = error.code() as i32;
+            outcome.message = error.to_string();
+        }
+    }
+    outcome
+}
+
+/// "ack policy ALL not met for message X: 2 of 3 replicas acknowledged (3
+/// required); failed: 10.0.0.3:7420 DEADLINE_EXCEEDED (no answer within 1s)"
+fn failure_summary(
+    response: &BroadcastResponse,
+    policy: AckPolicy,
+    receipts: &BTreeMap<SocketAddr, Receipt>,
+) -> String {
+    let failed: Vec<String> = receipts
+        .iter()
+        .filter_map(|(peer, r)| match &r.result {
+            Some(Err(e)) => Some(format!("{peer} {} ({e})", code_name(e.code()))),
+            None => Some(format!("{peer} no answer yet")),
+            Some(Ok(_)) => None,
+        })
+        .collect();
+    format!(
+        "ack policy {} not met for message {}: {} of {} replicas acknowledged ({} required); failed: {}",
+        policy.as_str_name().trim_start_matches("ACK_POLICY_"),
+        response.id,
+        response.acked,
+        response.replicas,
+        response.required,
+        failed.join(", ")
+    )
+}

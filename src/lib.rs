@@ -1,0 +1,25 @@
+//! replicast: deliver a message to every replica of a Kubernetes workload.
+//!
+//! Module map (one concern each):
+//! - [`config`]: flags and their validation.
+//! - [`discovery`]: the peer set from DNS (A/AAAA or SRV) or a static list.
+//! - [`fanout`]: Broadcast's delivery to every replica, deadlines, ack policy.
+//! - [`local`]: sequence numbers, dedup, replay and subscribers on one replica.
+//! - [`service`]: the thin gRPC layer; [`error`] maps failures to statuses.
+//! - [`server`]: assembly, serving and ordered shutdown.
+//! - [`devdns`]: the loopback DNS server of `dev-cluster` and the tests.
+//! - [`cli`]: the client commands (send, subscribe, peers, bench, dev-cluster).
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod devdns;
+pub mod discovery;
+pub mod error;
+pub mod fanout;
+pub mod local;
+pub mod proto;
+pub mod server;
+pub mod service;
+pub mod telemetry;
+pub mod validate;

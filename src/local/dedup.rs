@@ -1,0 +1,102 @@
+//! The window of recently delivered message ids that makes Deliver idempotent.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+/// Remembers which ids were delivered, and under which sequence number, for
+/// at most `capacity` ids and at most `ttl` each. Bounded in both so a flood
+/// of unique ids cannot grow memory, and a retry arriving within the window
+/// (the fan-out's own retries, a client retrying Broadcast with the same id)
+/// is recognised.
+#[derive(Debug)]
+pub struct DedupWindow {
+    seen: HashMap<Arc<str>, u64>,
+    /// Insertion order, oldest first, for eviction by count and age.
+    order: VecDeque<(Arc<str>, Instant)>,
+    capacity: usize,
+    ttl: Duration,
+}
+
+impl DedupWindow {
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        Self {
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+            ttl,
+        }
+    }
+
+    /// The sequence number `id` was delivered under, if it is in the window.
+    pub fn get(&mut self, id: &str, now: Instant) -> Option<u64> {
+        self.evict(now);
+        self.seen.get(id).copied()
+    }
+
+    /// Records a new delivery. The caller checked [`Self::get`] first.
+    pub fn insert(&mut self, id: &str, sequence: u64, now: Instant) {
+        let id: Arc<str> = Arc::from(id);
+        self.seen.insert(id.clone(), sequence);
+        self.order.push_back((id, now));
+        self.evict(now);
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn evict(&mut self, now: Instant) {
+        while let Some((id, at)) = self.order.front() {
+            let expired = now.saturating_duration_since(*at) > self.ttl;
+            if !expired && self.order.len() <= self.capacity {
+                break;
+            }
+            self.seen.remove(id);
+            self.order.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_within_window() {
+        let t0 = Instant::now();
+        let mut w = DedupWindow::new(10, Duration::from_secs(60));
+        assert_eq!(w.get("a", t0), None);
+        w.insert("a", 1, t0);
+        assert_eq!(w.get("a", t0 + Duration::from_secs(59)), Some(1));
+    }
+
+    #[test]
+    fn bounded_by_count() {
+        let t0 = Instant::now();
+        let mut w = DedupWindow::new(3, Duration::from_secs(60));
+        for (seq, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            w.insert(id, seq as u64 + 1, t0);
+        }
+        assert_eq!(w.len(), 3);
+        assert_eq!(w.get("a", t0), None, "oldest id evicted past capacity");
+        assert_eq!(w.get("d", t0), Some(4));
+    }
+
+    #[test]
+    fn bounded_by_age() {
+        let t0 = Instant::now();
+        let mut w = DedupWindow::new(100, Duration::from_secs(10));
+        w.insert("a", 1, t0);
+        w.insert("b", 2, t0 + Duration::from_secs(5));
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(w.get("a", later), None, "'a' is older than the ttl");
+        assert_eq!(w.get("b", later), Some(2));
+    }
+}

@@ -1,0 +1,115 @@
+//! The replay ring: the most recent deliveries, for subscribers that resume.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use crate::proto::v1::Delivery;
+
+/// Keeps the last `capacity` deliveries in sequence order.
+#[derive(Debug)]
+pub struct ReplayRing {
+    entries: VecDeque<Arc<Delivery>>,
+    capacity: usize,
+}
+
+/// A resume point older than anything the ring still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// The oldest sequence still available.
+    pub oldest: u64,
+}
+
+impl ReplayRing {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: VecDeque::with_capacity(capacity.min(4096)),
+            capacity,
+        }
+    }
+
+    /// Appends the next delivery; its sequence must follow the previous one.
+    pub fn push(&mut self, delivery: Arc<Delivery>) {
+        debug_assert!(
+            self.entries
+                .back()
+                .is_none_or(|last| last.sequence + 1 == delivery.sequence),
+            "sequences must be consecutive"
+        );
+        if self.capacity == 0 {
+            return;
+        }
+        if self.entries.len() == self.capacity {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(delivery);
+    }
+
+    /// Every retained delivery with a sequence greater than `after`, given
+    /// that the last assigned sequence is `last`. Fails when a delivery the
+    /// caller needs (`after + 1`) has already been evicted.
+    pub fn after(&self, after: u64, last: u64) -> Result<Vec<Arc<Delivery>>, Evicted> {
+        if after >= last {
+            return Ok(Vec::new());
+        }
+        let oldest = match self.entries.front() {
+            Some(front) => front.sequence,
+            // Nothing retained (capacity 0): only "live from now" is possible.
+            None => return Err(Evicted { oldest: last + 1 }),
+        };
+        if after + 1 < oldest {
+            return Err(Evicted { oldest });
+        }
+        let skip = usize::try_from(after + 1 - oldest).unwrap_or(usize::MAX);
+        Ok(self.entries.iter().skip(skip).cloned().collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring_with(capacity: usize, count: u64) -> ReplayRing {
+        let mut ring = ReplayRing::new(capacity);
+        for sequence in 1..=count {
+            ring.push(Arc::new(Delivery {
+                sequence,
+                message: None,
+            }));
+        }
+        ring
+    }
+
+    fn seqs(d: Vec<Arc<Delivery>>) -> Vec<u64> {
+        d.iter().map(|d| d.sequence).collect()
+    }
+
+    #[test]
+    fn replays_what_was_missed() {
+        let ring = ring_with(10, 5);
+        assert_eq!(seqs(ring.after(2, 5).unwrap()), vec![3, 4, 5]);
+        assert_eq!(seqs(ring.after(5, 5).unwrap()), Vec::<u64>::new());
+        assert_eq!(seqs(ring.after(9, 5).unwrap()), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn evicted_range_names_oldest() {
+        let ring = ring_with(3, 10);
+        assert_eq!(ring.len(), 3);
+        assert_eq!(ring.after(6, 10), Err(Evicted { oldest: 8 }));
+        assert_eq!(seqs(ring.after(7, 10).unwrap()), vec![8, 9, 10]);
+    }
+
+    #[test]
+    fn zero_capacity_replays_nothing() {
+        let ring = ring_with(0, 4);
+        assert_eq!(ring.after(2, 4), Err(Evicted { oldest: 5 }));
+        assert!(ring.after(4, 4).unwrap().is_empty());
+    }
+}

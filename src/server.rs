@@ -1,0 +1,199 @@
+//! Server assembly: wires discovery, local delivery and fan-out to the gRPC
+//! services, serves on a bound listener until told to stop, then drains.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tracing::{info, warn};
+
+use crate::{
+    config::Config,
+    discovery::{DiscoveryError, spawn_discovery},
+    fanout::{FanOut, LinkConfig},
+    local::LocalDelivery,
+    proto::{self, v1::replicast_server::ReplicastServer},
+    service::ReplicastService,
+};
+
+/// Why a replica could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Discovery(#[from] DiscoveryError),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs one replica on `listener` until `shutdown` resolves, then shuts down
+/// in order: health NOT_SERVING and long-lived streams ended, in-flight
+/// requests finished (at most `drain_timeout`), background hops drained,
+/// discovery stopped.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let discovery = spawn_discovery(config.discovery.clone())?;
+    let local = Arc::new(LocalDelivery::new(config.local));
+    let fanout = Arc::new(FanOut::new(
+        config.advertise,
+        local.clone(),
+        LinkConfig {
+            connect_timeout: config.peer_timeout,
+            max_frame_bytes: config.max_frame_bytes(),
+        },
+    ));
+    let stopping = CancellationToken::new();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    let membership = spawn_membership(
+        discovery.subscribe(),
+        fanout.clone(),
+        health.clone(),
+        stopping.clone(),
+    );
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let service = ReplicastService {
+        self_addr: config.advertise,
+        local,
+        fanout: fanout.clone(),
+        peers_rx: discovery.subscribe(),
+        source_name: discovery.source_name().to_owned(),
+        broadcast_timeout: config.broadcast_timeout,
+        peer_timeout: config.peer_timeout,
+        max_message_bytes: config.max_message_bytes,
+        stopping: stopping.clone(),
+    };
+    let replicast = ReplicastServer::new(service)
+        .max_decoding_message_size(config.max_frame_bytes())
+        .max_encoding_message_size(config.max_frame_bytes());
+
+    let local_addr = listener.local_addr().ok();
+    info!(listen = ?local_addr, advertise = %config.advertise, source = discovery.source_name(), "replica serving");
+    if config.advertise.ip().is_unspecified() {
+        warn!(
+            advertise = %config.advertise,
+            "advertised address is unspecified: set --advertise or POD_IP so this replica recognises itself in DNS"
+        );
+    }
+
+    let signal = {
+        let health = health.clone();
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            info!("shutting down: health NOT_SERVING, ending streams, draining");
+            set_health(&health, ServingStatus::NotServing).await;
+            stopping.cancel();
+        }
+    };
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(replicast)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+
+    let drain_timeout = config.drain_timeout;
+    let result = tokio::select! {
+        result = server => result.map_err(ServeError::from),
+        () = async { stopping.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
+            warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
+            Ok(())
+        }
+    };
+    fanout.drain(drain_timeout).await;
+    stopping.cancel();
+    let _ = membership.await;
+    discovery.shutdown().await;
+    info!("replica stopped");
+    result
+}
+
+/// A replica running in a background task (dev-cluster, tests).
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// The bound address.
+    pub local_addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl ServerHandle {
+    /// Binds `config.listen` and serves in a new task.
+    pub async fn start(config: Config) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(config.listen).await?;
+        Ok(Self::start_on(config, listener))
+    }
+
+    /// Serves on an already bound listener in a new task.
+    pub fn start_on(config: Config, listener: TcpListener) -> Self {
+        let local_addr = listener.local_addr().unwrap_or(config.listen);
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone().cancelled_owned();
+        let task = tokio::spawn(serve(config, listener, shutdown));
+        Self {
+            local_addr,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the replica gracefully and waits for it.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(result) => result,
+            Err(join) => panic!("replica task panicked: {join}"),
+        }
+    }
+}
+
+/// Follows discovery: health turns SERVING after the first successful lookup,
+/// and links to peers that left the set are dropped. Ends with `stopping`.
+fn spawn_membership(
+    mut peers_rx: tokio::sync::watch::Receiver<Arc<crate::discovery::PeerSnapshot>>,
+    fanout: Arc<FanOut>,
+    health: HealthReporter,
+    stopping: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut serving = false;
+        loop {
+            let snapshot = peers_rx.borrow_and_update().clone();
+            if snapshot.ready && !serving && !stopping.is_cancelled() {
+                set_health(&health, ServingStatus::Serving).await;
+                serving = true;
+            }
+            fanout.retain_links(&snapshot.peers);
+            tokio::select! {
+                changed = peers_rx.changed() => if changed.is_err() { return },
+                () = stopping.cancelled() => return,
+            }
+        }
+    })
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(proto::SERVICE_NAME, status).await;
+}

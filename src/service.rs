@@ -1,0 +1,231 @@
+//! The gRPC layer: decode, validate, call the core, encode. No policy here.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    discovery::{self, PeerSnapshot},
+    error::{Error, code_name},
+    fanout::{Budget, FanOut, budget},
+    local::{LocalDelivery, TopicFilter},
+    proto::v1::{
+        BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest, DeliverResponse,
+        Delivery, ListPeersRequest, ListPeersResponse, Message, Peer, SubscribeRequest,
+        replicast_server::Replicast,
+    },
+    validate,
+};
+
+type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Everything the RPC handlers need, shared by all connections.
+#[derive(Debug, Clone)]
+pub struct ReplicastService {
+    pub(crate) self_addr: SocketAddr,
+    pub(crate) local: Arc<LocalDelivery>,
+    pub(crate) fanout: Arc<FanOut>,
+    pub(crate) peers_rx: watch::Receiver<Arc<PeerSnapshot>>,
+    pub(crate) source_name: String,
+    pub(crate) broadcast_timeout: std::time::Duration,
+    pub(crate) peer_timeout: std::time::Duration,
+    pub(crate) max_message_bytes: usize,
+    /// Cancelled when the replica shuts down: long-lived streams end with
+    /// UNAVAILABLE so clients reconnect elsewhere and the server can drain.
+    pub(crate) stopping: CancellationToken,
+}
+
+impl ReplicastService {
+    fn check_message(&self, message: &Message) -> Result<(), Error> {
+        if message.id.is_empty() {
+            return Err(validate::ValidationError::MissingField { field: "message.id" }.into());
+        }
+        validate::id(&message.id)?;
+        validate::topic(&message.topic)?;
+        validate::payload(message.payload.len(), self.max_message_bytes)?;
+        validate::headers(&message.headers)?;
+        if message.origin.is_empty() {
+            return Err(validate::ValidationError::MissingField {
+                field: "message.origin",
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn deliver_one(&self, message: Option<Message>) -> Result<DeliverResponse, Error> {
+        let message = message.ok_or(validate::ValidationError::MissingField { field: "message" })?;
+        self.check_message(&message)?;
+        let id = message.id.clone();
+        let delivered = self.local.deliver(message);
+        Ok(DeliverResponse {
+            id,
+            sequence: delivered.sequence,
+            duplicate: delivered.duplicate,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Replicast for ReplicastService {
+    async fn broadcast(
+        &self,
+        request: Request<BroadcastRequest>,
+    ) -> Result<Response<BroadcastResponse>, Status> {
+        let arrived = Instant::now();
+        if self.stopping.is_cancelled() {
+            return Err(Error::ShuttingDown.into());
+        }
+        let budget = Budget::new(
+            arrived,
+            budget::caller_timeout(request.metadata()),
+            self.broadcast_timeout,
+            self.peer_timeout,
+        );
+        let req = request.into_inner();
+        let policy = validate::ack_policy(req.ack).map_err(Error::from)?;
+        validate::topic(&req.topic).map_err(Error::from)?;
+        validate::payload(req.payload.len(), self.max_message_bytes).map_err(Error::from)?;
+        validate::headers(&req.headers).map_err(Error::from)?;
+        validate::id(&req.id).map_err(Error::from)?;
+
+        let message = Message {
+            id: if req.id.is_empty() {
+                uuid::Uuid::now_v7().to_string()
+            } else {
+                req.id
+            },
+            topic: req.topic,
+            payload: req.payload,
+            headers: req.headers,
+            origin: self.self_addr.to_string(),
+            sent_at: Some(SystemTime::now().into()),
+        };
+        let mut peers_rx = self.peers_rx.clone();
+        let snapshot = discovery::ready_snapshot(&mut peers_rx, &self.source_name, budget.deadline).await?;
+        let policy = crate::fanout::policy::effective(policy);
+        let response = self
+            .fanout
+            .broadcast(message, &snapshot.peers, policy, budget)
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+        Ok(Response::new(self.deliver_one(request.into_inner().message)?))
+    }
+
+    type DeliverStreamStream = RpcStream<DeliverAck>;
+
+    async fn deliver_stream(
+        &self,
+        request: Request<Streaming<DeliverFrame>>,
+    ) -> Result<Response<Self::DeliverStreamStream>, Status> {
+        let service = self.clone();
+        let acks = request.into_inner().map(move |frame| {
+            let frame = frame?;
+            // A bad message fails its own ack; the stream carries on.
+            Ok(match service.deliver_one(frame.message) {
+                Ok(response) => DeliverAck {
+                    tag: frame.tag,
+                    code: 0,
+                    error: String::new(),
+                    response: Some(response),
+                },
+                Err(error) => {
+                    let status = Status::from(error);
+                    DeliverAck {
+                        tag: frame.tag,
+                        code: status.code() as i32,
+                        error: status.message().to_owned(),
+                        response: None,
+                    }
+                }
+            })
+        });
+        Ok(Response::new(until_stopped(acks, self.stopping.clone())))
+    }
+
+    type SubscribeStream = RpcStream<Delivery>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        validate::topic_filters(&req.topics).map_err(Error::from)?;
+        let subscription = self
+            .local
+            .subscribe(TopicFilter::new(&req.topics), req.after_sequence)?;
+        let deliveries = futures::stream::unfold(Some(subscription), |subscription| async move {
+            let mut subscription = subscription?;
+            match subscription.next().await {
+                Ok(delivery) => Some((Ok(Delivery::clone(&delivery)), Some(subscription))),
+                Err(error) => Some((Err(Status::from(error)), None)),
+            }
+        });
+        Ok(Response::new(until_stopped(deliveries, self.stopping.clone())))
+    }
+
+    async fn list_peers(
+        &self,
+        _request: Request<ListPeersRequest>,
+    ) -> Result<Response<ListPeersResponse>, Status> {
+        let snapshot = self.peers_rx.borrow().clone();
+        let mut addresses = snapshot.peers.clone();
+        if !addresses.contains(&self.self_addr) {
+            addresses.push(self.self_addr);
+            addresses.sort();
+        }
+        Ok(Response::new(ListPeersResponse {
+            self_: self.self_addr.to_string(),
+            peers: addresses
+                .into_iter()
+                .map(|address| Peer {
+                    address: address.to_string(),
+                    local: address == self.self_addr,
+                })
+                .collect(),
+            source: self.source_name.clone(),
+            resolved_at: snapshot.resolved_at.map(Into::into),
+            stale: snapshot.stale,
+            last_error: snapshot.last_error.clone().unwrap_or_default(),
+        }))
+    }
+}
+
+/// Ends a long-lived response stream with UNAVAILABLE when the replica stops,
+/// so the client reconnects elsewhere and graceful shutdown is not held up.
+fn until_stopped<T: Send + 'static>(
+    stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    stopping: CancellationToken,
+) -> RpcStream<T> {
+    let stream = Box::pin(stream);
+    Box::pin(futures::stream::unfold(
+        Some((stream, stopping)),
+        |state| async move {
+            let (mut stream, stopping) = state?;
+            tokio::select! {
+                biased;
+                () = stopping.cancelled() => {
+                    let status: Status = Error::ShuttingDown.into();
+                    tracing::debug!(code = code_name(status.code()), "ending stream: shutting down");
+                    Some((Err(status), None))
+                }
+                item = stream.next() => match item {
+                    Some(Ok(item)) => Some((Ok(item), Some((stream, stopping)))),
+                    Some(Err(status)) => Some((Err(status), None)),
+                    None => None,
+                },
+            }
+        },
+    ))
+}

@@ -18,6 +18,7 @@ pub mod discovery;
 pub mod error;
 pub mod fanout;
 pub mod local;
+pub mod oversize;
 pub mod proto;
 pub mod server;
 pub mod service;

@@ -4,9 +4,8 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
@@ -15,6 +14,7 @@ use crate::{
     discovery::{DiscoveryError, spawn_discovery},
     fanout::{FanOut, LinkConfig},
     local::LocalDelivery,
+    oversize::OversizeLayer,
     proto::{self, v1::replicast_server::ReplicastServer},
     service::ReplicastService,
 };
@@ -104,14 +104,22 @@ pub async fn serve(
         }
     };
     let server = Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(OversizeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(replicast)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(
+            // Server::tcp_nodelay only applies to listeners tonic binds itself.
+            // Without TCP_NODELAY, small acks meet Nagle and delayed ACK: a
+            // 40 ms stall per message.
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
+            signal,
+        );
 
     let drain_timeout = config.drain_timeout;
     let result = tokio::select! {

@@ -118,6 +118,9 @@ pub fn topic_filter(filter: &str) -> Result<(), ValidationError> {
             }
             Ok(())
         }
+        None if filter.contains('*') => Err(malformed(
+            "'*' is only allowed at the end, as a prefix match ('cache.*')",
+        )),
         None => topic(filter).map_err(|e| match e {
             ValidationError::EmptyTopic => malformed("it is empty"),
             other => other,

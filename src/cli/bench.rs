@@ -1,15 +1,303 @@
-//! `replicast bench`.
-use std::process::ExitCode;
+//! `replicast bench`: a load generator in the spirit of `redis-benchmark` and
+//! `nats bench`.
+//!
+//! It subscribes on every replica the target lists in ListPeers, then runs a
+//! closed loop with K Broadcasts in flight for each K asked for, and measures
+//! two latencies per message: the Broadcast round trip (receipts back) and
+//! the time until a subscriber on every replica has the message. K = 1 is
+//! the sequential latency.
 
-use super::CliError;
+use std::{
+    collections::HashMap,
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{sync::oneshot, task::JoinSet};
+use tonic::{Request, transport::Channel};
+
+use super::{CliError, client::AckArg, connect};
+use crate::proto::v1::{
+    AckPolicy, BroadcastRequest, ListPeersRequest, SubscribeRequest, replicast_client::ReplicastClient,
+};
+
+/// Header carrying the bench sequence number, so subscribers can match.
+const SEQ_HEADER: &str = "bench-seq";
 
 /// `replicast bench` flags.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value = "127.0.0.1:7420")]
+    /// Replica to send Broadcasts to.
+    #[arg(long, env = "REPLICAST_TO", default_value = "127.0.0.1:7420")]
     pub to: String,
+    /// Broadcasts in flight; one table row each (1 = sequential latency).
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub in_flight: Vec<usize>,
+    /// Measured time per row.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured time before each row, with the pipeline full.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Ack policy of every Broadcast.
+    #[arg(long, value_enum, default_value = "all")]
+    pub ack: AckArg,
+    /// Topic to publish on (subscribers filter on it).
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
 }
 
-pub async fn run(_args: BenchArgs) -> Result<ExitCode, CliError> {
-    Err("not yet".into())
+/// Messages sent and not yet seen by every subscriber.
+#[derive(Debug, Default)]
+struct Arrivals {
+    waiting: Mutex<HashMap<u64, Waiter>>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    remaining: usize,
+    done_tx: Option<oneshot::Sender<Instant>>,
+}
+
+impl Arrivals {
+    fn expect(&self, seq: u64, subscribers: usize) -> oneshot::Receiver<Instant> {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.lock().insert(
+            seq,
+            Waiter {
+                remaining: subscribers,
+                done_tx: Some(done_tx),
+            },
+        );
+        done_rx
+    }
+
+    fn arrived(&self, seq: u64, at: Instant) {
+        let mut waiting = self.lock();
+        let Some(waiter) = waiting.get_mut(&seq) else {
+            return;
+        };
+        waiter.remaining = waiter.remaining.saturating_sub(1);
+        if waiter.remaining == 0 {
+            if let Some(done_tx) = waiter.done_tx.take() {
+                let _ = done_tx.send(at);
+            }
+            waiting.remove(&seq);
+        }
+    }
+
+    fn forget(&self, seq: u64) {
+        self.lock().remove(&seq);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One completed message.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    finished: Instant,
+    round_trip: Duration,
+    /// `None` when not every subscriber saw it within 5 s.
+    delivered: Option<Duration>,
+    ok: bool,
+}
+
+/// Runs the benchmark and prints a table.
+pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
+    let mut client = connect(&args.to).await?;
+    let peers = client.list_peers(ListPeersRequest {}).await?.into_inner();
+    let replicas: Vec<String> = peers.peers.iter().map(|p| p.address.clone()).collect();
+    let arrivals = Arc::new(Arrivals::default());
+
+    let mut subscribers = JoinSet::new();
+    for address in &replicas {
+        let mut sub_client = connect(address).await?;
+        let mut stream = sub_client
+            .subscribe(SubscribeRequest {
+                topics: vec![args.topic.clone()],
+                after_sequence: 0,
+            })
+            .await?
+            .into_inner();
+        let arrivals = arrivals.clone();
+        let address = address.clone();
+        subscribers.spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(delivery)) => {
+                        let now = Instant::now();
+                        let seq = delivery
+                            .message
+                            .as_ref()
+                            .and_then(|m| m.headers.get(SEQ_HEADER))
+                            .and_then(|s| s.parse().ok());
+                        if let Some(seq) = seq {
+                            arrivals.arrived(seq, now);
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) => {
+                        eprintln!("subscriber on {address} ended: {}", status.message());
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    println!(
+        "replicast bench: {} replicas via {}, payload {} B, ack {:?}, {} per row after {} warm-up",
+        replicas.len(),
+        args.to,
+        args.payload,
+        args.ack,
+        humantime::format_duration(args.duration),
+        humantime::format_duration(args.warmup),
+    );
+    println!();
+    println!(
+        "| in flight | messages | msg/s | broadcast p50 | p99 | max | on every replica p50 | p99 | max | errors |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let next_seq = Arc::new(AtomicU64::new(0));
+    for &in_flight in &args.in_flight {
+        let row = run_row(
+            &args,
+            client.clone(),
+            &arrivals,
+            &next_seq,
+            replicas.len(),
+            in_flight.max(1),
+        )
+        .await;
+        println!("{row}");
+    }
+    subscribers.abort_all();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_row(
+    args: &BenchArgs,
+    client: ReplicastClient<Channel>,
+    arrivals: &Arc<Arrivals>,
+    next_seq: &Arc<AtomicU64>,
+    subscribers: usize,
+    in_flight: usize,
+) -> String {
+    let started = Instant::now();
+    let measure_from = started + args.warmup;
+    let stop_at = measure_from + args.duration;
+    let payload = bytes::Bytes::from(vec![b'x'; args.payload]);
+    let mut workers = JoinSet::new();
+    for _ in 0..in_flight {
+        let mut client = client.clone();
+        let arrivals = arrivals.clone();
+        let next_seq = next_seq.clone();
+        let payload = payload.clone();
+        let topic = args.topic.clone();
+        let ack = AckPolicy::from(args.ack) as i32;
+        workers.spawn(async move {
+            let mut samples = Vec::new();
+            while Instant::now() < stop_at {
+                let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+                let done_rx = arrivals.expect(seq, subscribers);
+                let mut request = Request::new(BroadcastRequest {
+                    topic: topic.clone(),
+                    payload: payload.clone(),
+                    headers: HashMap::from([(SEQ_HEADER.to_owned(), seq.to_string())]),
+                    id: String::new(),
+                    ack,
+                });
+                request.set_timeout(Duration::from_secs(5));
+                let sent = Instant::now();
+                let ok = client.broadcast(request).await.is_ok();
+                let round_trip = sent.elapsed();
+                let delivered = match tokio::time::timeout(Duration::from_secs(5), done_rx).await {
+                    Ok(Ok(at)) => Some(at.saturating_duration_since(sent)),
+                    _ => {
+                        arrivals.forget(seq);
+                        None
+                    }
+                };
+                samples.push(Sample {
+                    finished: Instant::now(),
+                    round_trip,
+                    delivered,
+                    ok,
+                });
+            }
+            samples
+        });
+    }
+    let mut samples = Vec::new();
+    while let Some(Ok(mut worker_samples)) = workers.join_next().await {
+        samples.append(&mut worker_samples);
+    }
+    let measured: Vec<Sample> = samples
+        .into_iter()
+        .filter(|s| s.finished >= measure_from && s.finished <= stop_at)
+        .collect();
+    let errors = measured.iter().filter(|s| !s.ok || s.delivered.is_none()).count();
+    let mut round_trips: Vec<Duration> = measured.iter().map(|s| s.round_trip).collect();
+    let mut delivered: Vec<Duration> = measured.iter().filter_map(|s| s.delivered).collect();
+    round_trips.sort();
+    delivered.sort();
+    let rate = measured.len() as f64 / args.duration.as_secs_f64();
+    format!(
+        "| {in_flight} | {} | {rate:.0} | {} | {} | {} | {} | {} | {} | {errors} |",
+        measured.len(),
+        micros(percentile(&round_trips, 0.50)),
+        micros(percentile(&round_trips, 0.99)),
+        micros(round_trips.last().copied()),
+        micros(percentile(&delivered, 0.50)),
+        micros(percentile(&delivered, 0.99)),
+        micros(delivered.last().copied()),
+    )
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+fn micros(d: Option<Duration>) -> String {
+    d.map_or_else(|| "-".to_owned(), |d| format!("{} µs", d.as_micros()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let ms: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&ms, 0.50), Some(Duration::from_millis(50)));
+        assert_eq!(percentile(&ms, 0.99), Some(Duration::from_millis(99)));
+        assert_eq!(percentile(&ms[..1], 0.99), Some(Duration::from_millis(1)));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+
+    #[test]
+    fn arrivals_complete_after_every_subscriber() {
+        let arrivals = Arrivals::default();
+        let mut done = arrivals.expect(7, 2);
+        arrivals.arrived(7, Instant::now());
+        assert!(done.try_recv().is_err(), "one of two subscribers is not all");
+        arrivals.arrived(7, Instant::now());
+        assert!(done.try_recv().is_ok());
+    }
 }

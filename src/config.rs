@@ -75,6 +75,11 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_REPLAY_CAPACITY", default_value_t = 10_000)]
     pub replay_capacity: usize,
 
+    /// Bytes of messages the replay ring may hold (whichever of this and
+    /// --replay-capacity binds first).
+    #[arg(long, env = "REPLICAST_REPLAY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub replay_max_bytes: usize,
+
     /// Message ids remembered for deduplication.
     #[arg(long, env = "REPLICAST_DEDUP_CAPACITY", default_value_t = 100_000)]
     pub dedup_capacity: usize,
@@ -208,6 +213,7 @@ impl TryFrom<ServeArgs> for Config {
             max_message_bytes: args.max_message_bytes,
             local: LocalLimits {
                 replay_capacity: args.replay_capacity,
+                replay_max_bytes: args.replay_max_bytes,
                 dedup_capacity: args.dedup_capacity,
                 dedup_ttl: args.dedup_ttl,
                 subscriber_buffer: args.subscriber_buffer,

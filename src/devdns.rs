@@ -46,8 +46,20 @@ impl DevDns {
     /// Serves `zone` (e.g. `replicast.test.`) on UDP and TCP at `ip` and a
     /// free port shared by both.
     pub async fn start(ip: IpAddr, zone: &str) -> io::Result<Self> {
-        let origin = Name::from_ascii(zone).map_err(io::Error::other)?;
         let (udp, tcp) = bind_pair(ip).await?;
+        Self::serve(udp, tcp, zone).await
+    }
+
+    /// Serves `zone` at exactly `addr` (a DNS server coming back on its old
+    /// address, in tests).
+    pub async fn start_at(addr: SocketAddr, zone: &str) -> io::Result<Self> {
+        let udp = UdpSocket::bind(addr).await?;
+        let tcp = TcpListener::bind(addr).await?;
+        Self::serve(udp, tcp, zone).await
+    }
+
+    async fn serve(udp: UdpSocket, tcp: TcpListener, zone: &str) -> io::Result<Self> {
+        let origin = Name::from_ascii(zone).map_err(io::Error::other)?;
         let addr = udp.local_addr()?;
 
         let handler = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(

@@ -7,7 +7,8 @@
 //! - [`local`]: sequence numbers, dedup, replay and subscribers on one replica.
 //! - [`service`]: the thin gRPC layer; [`error`] maps failures to statuses.
 //! - [`server`]: assembly, serving and ordered shutdown.
-//! - [`devdns`]: the loopback DNS server of `dev-cluster` and the tests.
+//! - [`devdns`], [`loopback`]: the DNS server and address blocks that let
+//!   `dev-cluster` and the tests run many replicas on one machine.
 //! - [`cli`]: the client commands (send, subscribe, peers, bench, dev-cluster).
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ pub mod discovery;
 pub mod error;
 pub mod fanout;
 pub mod local;
+pub mod loopback;
 pub mod oversize;
 pub mod proto;
 pub mod server;

@@ -56,17 +56,14 @@ pub enum ValidationError {
 }
 
 impl ValidationError {
-    /// True when the request was well formed but too big: the client must
-    /// send less, not send something different (RESOURCE_EXHAUSTED rather
-    /// than INVALID_ARGUMENT).
+    /// True when the message was well formed but carries too much: the
+    /// payload or headers exceed a size limit (RESOURCE_EXHAUSTED, as gRPC
+    /// reports oversized messages). A topic or filter list beyond its limit is
+    /// malformed instead (INVALID_ARGUMENT): no retry of the same call fits.
     pub fn is_size_limit(&self) -> bool {
         matches!(
             self,
-            Self::PayloadTooLarge { .. }
-                | Self::TooManyHeaders { .. }
-                | Self::HeaderValueTooLarge { .. }
-                | Self::TopicTooLong { .. }
-                | Self::TooManyFilters { .. }
+            Self::PayloadTooLarge { .. } | Self::TooManyHeaders { .. } | Self::HeaderValueTooLarge { .. }
         )
     }
 }

@@ -168,7 +168,7 @@ pub async fn subscribe(args: SubscribeArgs) -> Result<ExitCode, CliError> {
             after_sequence: args.after,
         })
         .await
-        .map_err(|s| format!("subscribe failed: {} {}", code_name(s.code()), s.message()))?
+        .map_err(|s| format!("subscribe failed: {}: {}", code_name(s.code()), s.message()))?
         .into_inner();
     loop {
         match stream.message().await {
@@ -227,7 +227,7 @@ pub async fn peers(args: PeersArgs) -> Result<ExitCode, CliError> {
     let view = client
         .list_peers(ListPeersRequest {})
         .await
-        .map_err(|s| format!("ListPeers failed: {} {}", code_name(s.code()), s.message()))?
+        .map_err(|s| format!("ListPeers failed: {}: {}", code_name(s.code()), s.message()))?
         .into_inner();
     let resolved = view
         .resolved_at

@@ -6,6 +6,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     process::ExitCode,
+    time::Duration,
 };
 
 use clap::Parser;
@@ -15,6 +16,7 @@ use super::{CliError, client::delivery_json, connect, shutdown_signal};
 use crate::{
     config::{Config, ServeArgs},
     devdns::DevDns,
+    loopback::bind_same_port,
     proto::v1::SubscribeRequest,
     server::ServerHandle,
 };
@@ -30,12 +32,13 @@ pub struct DevClusterArgs {
     /// Number of replicas (on 127.0.0.1 .. 127.0.0.N).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=64))]
     pub replicas: u8,
-    /// Port every replica listens on (as in a Deployment, one port, many IPs).
+    /// Port every replica listens on (as in a Deployment: one port, many
+    /// IPs). 0 picks a port that is free on every address.
     #[arg(long, default_value_t = 7420)]
     pub port: u16,
     /// Time between peer lookups.
-    #[arg(long, default_value = "2s")]
-    pub refresh_interval: String,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub refresh_interval: Duration,
     /// Do not print deliveries (for benchmarks).
     #[arg(long)]
     pub quiet: bool,
@@ -49,9 +52,17 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
         .collect();
     dns.set_addresses(HEADLESS, &ips).await?;
 
+    let listeners = bind_same_port(&ips, args.port).await.map_err(|e| {
+        format!(
+            "cannot listen on port {} of 127.0.0.1-{}: {e} (is another dev-cluster running? --port 0 picks a free port)",
+            args.port, args.replicas
+        )
+    })?;
+    let port = listeners[0].local_addr()?.port();
+    let refresh_interval = humantime::format_duration(args.refresh_interval).to_string();
     let mut replicas = Vec::new();
-    for ip in &ips {
-        let listen = SocketAddr::new(*ip, args.port).to_string();
+    for listener in listeners {
+        let listen = listener.local_addr()?.to_string();
         let dns_server = dns.addr().to_string();
         let serve = ServeArgs::try_parse_from([
             "serve",
@@ -62,21 +73,18 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
             "--dns-server",
             &dns_server,
             "--refresh-interval",
-            &args.refresh_interval,
+            &refresh_interval,
         ])?;
         let config = Config::try_from(serve)?;
-        let handle = ServerHandle::start(config)
-            .await
-            .map_err(|e| format!("cannot listen on {listen}: {e} (is another dev-cluster running?)"))?;
-        replicas.push(handle);
+        replicas.push(ServerHandle::start_on(config, listener));
     }
 
-    print_banner(&ips, args.port, dns.addr());
+    print_banner(&ips, port, dns.addr());
 
     let mut printers = JoinSet::new();
     if !args.quiet {
         for ip in &ips {
-            let addr = SocketAddr::new(*ip, args.port);
+            let addr = SocketAddr::new(*ip, port);
             printers.spawn(print_deliveries(addr));
         }
     }
@@ -106,10 +114,11 @@ fn print_banner(ips: &[IpAddr], port: u16, dns: SocketAddr) {
         "  grpcurl -plaintext -d '{{\"topic\":\"demo\",\"payload\":\"aGVsbG8=\"}}' {first} replicast.v1.Replicast/Broadcast"
     );
     println!("  grpcurl -plaintext {first} grpc.health.v1.Health/Check");
-    println!("  cargo run -- send --to {last} --topic demo --data 'hello from the last replica'");
-    println!("  cargo run -- subscribe --to {first} --topic 'demo*'");
-    println!("  cargo run -- peers --to {first}");
-    println!("  cargo run --release -- bench --to {first}");
+    let me = std::env::args().next().unwrap_or_else(|| "replicast".to_owned());
+    println!("  {me} send --to {last} --topic demo --data 'hello from the last replica'");
+    println!("  {me} subscribe --to {first} --topic 'demo*'");
+    println!("  {me} peers --to {first}");
+    println!("  {me} bench --to {first}");
     println!();
     println!("Deliveries (Ctrl-C to stop):");
 }

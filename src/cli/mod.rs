@@ -95,6 +95,19 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// An error and its sources, "outer: inner: root" (tonic's transport error
+/// alone says only "transport error").
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Connects a client to `addr` (`host:port` or a URL).
 pub async fn connect(addr: &str) -> Result<ReplicastClient<Channel>, CliError> {
     let url = if addr.contains("://") {
@@ -108,7 +121,7 @@ pub async fn connect(addr: &str) -> Result<ReplicastClient<Channel>, CliError> {
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)))?;
     Ok(ReplicastClient::new(channel)
         .max_decoding_message_size(256 * 1024 * 1024)
         .max_encoding_message_size(256 * 1024 * 1024))

@@ -36,6 +36,8 @@ use crate::{
 pub struct LocalLimits {
     /// Deliveries kept for subscribers that resume (`--replay-capacity`).
     pub replay_capacity: usize,
+    /// Bytes of encoded deliveries the replay ring may hold (`--replay-max-bytes`).
+    pub replay_max_bytes: usize,
     /// Ids remembered for deduplication (`--dedup-capacity`).
     pub dedup_capacity: usize,
     /// How long an id is remembered (`--dedup-ttl`).
@@ -76,7 +78,7 @@ impl LocalDelivery {
             state: Mutex::new(State {
                 last_sequence: 0,
                 dedup: DedupWindow::new(limits.dedup_capacity, limits.dedup_ttl),
-                ring: ReplayRing::new(limits.replay_capacity),
+                ring: ReplayRing::new(limits.replay_capacity, limits.replay_max_bytes),
             }),
             live_tx,
             limits,
@@ -209,6 +211,7 @@ mod tests {
     fn local(replay: usize, buffer: usize) -> LocalDelivery {
         LocalDelivery::new(LocalLimits {
             replay_capacity: replay,
+            replay_max_bytes: usize::MAX,
             dedup_capacity: 1000,
             dedup_ttl: Duration::from_secs(60),
             subscriber_buffer: buffer,

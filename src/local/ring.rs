@@ -2,13 +2,19 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
+use prost::Message as _;
+
 use crate::proto::v1::Delivery;
 
-/// Keeps the last `capacity` deliveries in sequence order.
+/// Keeps the most recent deliveries in sequence order: at most `capacity`
+/// of them and at most `max_bytes` of encoded messages, whichever binds
+/// first (10,000 one-MiB messages would otherwise be 10 GiB).
 #[derive(Debug)]
 pub struct ReplayRing {
-    entries: VecDeque<Arc<Delivery>>,
+    entries: VecDeque<(Arc<Delivery>, usize)>,
     capacity: usize,
+    max_bytes: usize,
+    bytes: usize,
 }
 
 /// A resume point older than anything the ring still holds.
@@ -19,10 +25,12 @@ pub struct Evicted {
 }
 
 impl ReplayRing {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, max_bytes: usize) -> Self {
         Self {
             entries: VecDeque::with_capacity(capacity.min(4096)),
             capacity,
+            max_bytes,
+            bytes: 0,
         }
     }
 
@@ -31,16 +39,18 @@ impl ReplayRing {
         debug_assert!(
             self.entries
                 .back()
-                .is_none_or(|last| last.sequence + 1 == delivery.sequence),
+                .is_none_or(|(last, _)| last.sequence + 1 == delivery.sequence),
             "sequences must be consecutive"
         );
-        if self.capacity == 0 {
-            return;
+        let size = delivery.encoded_len();
+        self.entries.push_back((delivery, size));
+        self.bytes += size;
+        while self.entries.len() > self.capacity || self.bytes > self.max_bytes {
+            let Some((_, evicted)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= evicted;
         }
-        if self.entries.len() == self.capacity {
-            self.entries.pop_front();
-        }
-        self.entries.push_back(delivery);
     }
 
     /// Every retained delivery with a sequence greater than `after`, given
@@ -51,7 +61,7 @@ impl ReplayRing {
             return Ok(Vec::new());
         }
         let oldest = match self.entries.front() {
-            Some(front) => front.sequence,
+            Some((front, _)) => front.sequence,
             // Nothing retained (capacity 0): only "live from now" is possible.
             None => return Err(Evicted { oldest: last + 1 }),
         };
@@ -59,7 +69,7 @@ impl ReplayRing {
             return Err(Evicted { oldest });
         }
         let skip = usize::try_from(after + 1 - oldest).unwrap_or(usize::MAX);
-        Ok(self.entries.iter().skip(skip).cloned().collect())
+        Ok(self.entries.iter().skip(skip).map(|(d, _)| d.clone()).collect())
     }
 
     pub fn len(&self) -> usize {
@@ -69,6 +79,11 @@ impl ReplayRing {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Encoded size of the retained deliveries.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 #[cfg(test)]
@@ -76,7 +91,7 @@ mod tests {
     use super::*;
 
     fn ring_with(capacity: usize, count: u64) -> ReplayRing {
-        let mut ring = ReplayRing::new(capacity);
+        let mut ring = ReplayRing::new(capacity, usize::MAX);
         for sequence in 1..=count {
             ring.push(Arc::new(Delivery {
                 sequence,
@@ -104,6 +119,23 @@ mod tests {
         assert_eq!(ring.len(), 3);
         assert_eq!(ring.after(6, 10), Err(Evicted { oldest: 8 }));
         assert_eq!(seqs(ring.after(7, 10).unwrap()), vec![8, 9, 10]);
+    }
+
+    #[test]
+    fn bounded_by_bytes() {
+        let mut ring = ReplayRing::new(100, 250);
+        for sequence in 1..=5 {
+            ring.push(Arc::new(Delivery {
+                sequence,
+                message: Some(crate::proto::v1::Message {
+                    payload: vec![0; 100].into(),
+                    ..Default::default()
+                }),
+            }));
+        }
+        assert_eq!(ring.len(), 2, "two ~105-byte deliveries fit in 250 bytes");
+        assert!(ring.bytes() <= 250);
+        assert_eq!(ring.after(2, 5), Err(Evicted { oldest: 4 }));
     }
 
     #[test]

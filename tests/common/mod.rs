@@ -14,6 +14,7 @@ use rand::Rng;
 use replicast::{
     config::{Config, ServeArgs},
     devdns::DevDns,
+    loopback::bind_same_port,
     proto::v1::{Delivery, SubscribeRequest, replicast_client::ReplicastClient},
     server::ServerHandle,
 };
@@ -32,10 +33,10 @@ pub struct Hosts {
 }
 
 impl Hosts {
-    /// Reserves `n` addresses 127.A.B.1..n (random A, B so tests in parallel
-    /// do not collide) sharing one port.
+    /// Reserves `n` addresses 127.A.B.1..n (random A, B so tests running in
+    /// parallel do not collide) sharing one free port.
     pub async fn reserve(n: usize) -> Self {
-        'attempt: for _ in 0..50 {
+        for _ in 0..50 {
             let (a, b) = {
                 let mut rng = rand::rng();
                 (rng.random_range(1..=254u8), rng.random_range(0..=254u8))
@@ -43,18 +44,14 @@ impl Hosts {
             let ips: Vec<IpAddr> = (1..=n as u8)
                 .map(|i| IpAddr::V4(Ipv4Addr::new(127, a, b, i)))
                 .collect();
-            let first = TcpListener::bind(SocketAddr::new(ips[0], 0))
-                .await
-                .expect("bind loopback");
-            let port = first.local_addr().unwrap().port();
-            let mut listeners = vec![Some(first)];
-            for ip in &ips[1..] {
-                match TcpListener::bind(SocketAddr::new(*ip, port)).await {
-                    Ok(l) => listeners.push(Some(l)),
-                    Err(_) => continue 'attempt,
-                }
+            if let Ok(listeners) = bind_same_port(&ips, 0).await {
+                let port = listeners[0].local_addr().unwrap().port();
+                return Self {
+                    ips,
+                    port,
+                    listeners: listeners.into_iter().map(Some).collect(),
+                };
             }
-            return Self { ips, port, listeners };
         }
         panic!("could not reserve loopback addresses with a common free port");
     }

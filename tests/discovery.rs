@@ -1,0 +1,286 @@
+//! Discovery: SRV and static sources, waiting for the first lookup, stale
+//! peer sets when DNS fails, and empty answers.
+
+mod common;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use common::{Cluster, HEADLESS, Hosts, ZONE, client, config, eventually, wait_serving};
+use replicast::{
+    devdns::DevDns,
+    proto::v1::{AckPolicy, BroadcastRequest, ListPeersRequest, ListPeersResponse},
+    server::ServerHandle,
+};
+use tokio::net::TcpListener;
+use tonic::{Code, Request};
+
+fn broadcast(timeout: Duration) -> Request<BroadcastRequest> {
+    let mut request = Request::new(BroadcastRequest {
+        topic: "t".into(),
+        ack: AckPolicy::All as i32,
+        ..Default::default()
+    });
+    request.set_timeout(timeout);
+    request
+}
+
+async fn peers(addr: SocketAddr) -> ListPeersResponse {
+    client(addr)
+        .await
+        .list_peers(ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn health_status(addr: SocketAddr, service: &str) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+/// A free address for a DNS server that is not running yet.
+async fn unused_dns_addr() -> SocketAddr {
+    let probe = DevDns::start(IpAddr::V4(Ipv4Addr::LOCALHOST), ZONE)
+        .await
+        .unwrap();
+    let addr = probe.addr();
+    probe.shutdown().await;
+    addr
+}
+
+#[tokio::test]
+async fn srv_records_give_each_replica_its_own_port() {
+    let dns = DevDns::start(IpAddr::V4(Ipv4Addr::LOCALHOST), ZONE)
+        .await
+        .unwrap();
+    let hosts = Hosts::reserve(2).await;
+    // Distinct ports on distinct IPs: SRV carries the port, A records do not.
+    let mut listeners = Vec::new();
+    let mut targets = Vec::new();
+    for (i, ip) in hosts.ips.iter().enumerate() {
+        let listener = TcpListener::bind(SocketAddr::new(*ip, 0)).await.unwrap();
+        let target = format!("replica-{i}.{ZONE}");
+        dns.set_addresses(&target, &[*ip]).await.unwrap();
+        targets.push((target, listener.local_addr().unwrap().port()));
+        listeners.push(listener);
+    }
+    let srv = format!("_grpc._tcp.{HEADLESS}");
+    dns.set_srv(&srv, &targets).await.unwrap();
+    let mut replicas = Vec::new();
+    for listener in listeners {
+        let addr = listener.local_addr().unwrap();
+        let args = [
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--peers-srv",
+            &srv,
+            "--dns-server",
+            &dns.addr().to_string(),
+        ];
+        replicas.push(ServerHandle::start_on(
+            config(args.iter().map(|s| s.to_string()).collect()),
+            listener,
+        ));
+        wait_serving(addr).await;
+    }
+    let first = replicas[0].local_addr;
+    let view = peers(first).await;
+    assert_eq!(view.source, format!("srv:{srv}"));
+    let mut expected: Vec<String> = replicas.iter().map(|r| r.local_addr.to_string()).collect();
+    expected.sort();
+    assert_eq!(
+        view.peers.iter().map(|p| p.address.clone()).collect::<Vec<_>>(),
+        expected
+    );
+    let response = client(first)
+        .await
+        .broadcast(broadcast(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((response.replicas, response.acked), (2, 2));
+    for replica in replicas {
+        replica.shutdown().await.unwrap();
+    }
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn static_peers_need_no_dns() {
+    let hosts = Hosts::reserve(2).await;
+    let list = format!("{},{}", hosts.addr(0), hosts.addr(1));
+    let mut hosts = hosts;
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        let listen = hosts.addr(i).to_string();
+        let args = ["serve", "--listen", &listen, "--static-peers", &list];
+        let listener = hosts.listeners[i].take().unwrap();
+        replicas.push(ServerHandle::start_on(
+            config(args.iter().map(|s| s.to_string()).collect()),
+            listener,
+        ));
+    }
+    wait_serving(hosts.addr(0)).await;
+    let view = peers(hosts.addr(0)).await;
+    assert_eq!(view.source, "static");
+    assert!(view.resolved_at.is_some() && !view.stale);
+    let response = client(hosts.addr(0))
+        .await
+        .broadcast(broadcast(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((response.replicas, response.acked), (2, 2));
+    for replica in replicas {
+        replica.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn broadcast_before_the_first_lookup_waits_for_it_within_its_deadline() {
+    let dns_addr = unused_dns_addr().await;
+    let mut hosts = Hosts::reserve(1).await;
+    let listen = hosts.addr(0);
+    let args = [
+        "serve",
+        "--listen",
+        &listen.to_string(),
+        "--peers-dns",
+        HEADLESS,
+        "--dns-server",
+        &dns_addr.to_string(),
+    ];
+    let replica = ServerHandle::start_on(
+        config(args.iter().map(|s| s.to_string()).collect()),
+        hosts.listeners[0].take().unwrap(),
+    );
+
+    // No DNS server yet: not serving, and a short Broadcast says why.
+    eventually(
+        "the first lookup to fail",
+        Duration::from_secs(10),
+        || async move { !peers(listen).await.last_error.is_empty() },
+    )
+    .await;
+    assert_eq!(
+        health_status(listen, "").await,
+        2,
+        "NOT_SERVING before the first lookup"
+    );
+    let status = client(listen)
+        .await
+        .broadcast(broadcast(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("has not completed its first lookup"),
+        "{}",
+        status.message()
+    );
+
+    // A Broadcast that arrives now waits, and completes once DNS answers.
+    let waiting = tokio::spawn(async move {
+        client(listen)
+            .await
+            .broadcast(broadcast(Duration::from_secs(10)))
+            .await
+    });
+    let dns = DevDns::start_at(dns_addr, ZONE).await.unwrap();
+    dns.set_addresses(HEADLESS, &[listen.ip()]).await.unwrap();
+    let response = waiting
+        .await
+        .unwrap()
+        .expect("the waiting broadcast completes")
+        .into_inner();
+    assert_eq!((response.replicas, response.acked), (1, 1));
+    assert_eq!(
+        health_status(listen, "replicast.v1.Replicast").await,
+        1,
+        "SERVING after the first lookup"
+    );
+    replica.shutdown().await.unwrap();
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn failed_lookups_keep_the_last_good_set_marked_stale_and_recover() {
+    let cluster = Cluster::start(2, &[]).await;
+    let dns_addr = cluster.dns.addr();
+    let Cluster { dns, hosts, replicas } = cluster;
+    dns.shutdown().await;
+    let first = hosts.addr(0);
+    eventually(
+        "ListPeers to report stale",
+        Duration::from_secs(10),
+        || async move { peers(first).await.stale },
+    )
+    .await;
+    let view = peers(first).await;
+    assert_eq!(view.peers.len(), 2, "the last good set is kept");
+    assert!(!view.last_error.is_empty());
+    let response = client(first)
+        .await
+        .broadcast(broadcast(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.acked, 2, "broadcasts keep working on the stale set");
+
+    let dns = DevDns::start_at(dns_addr, ZONE).await.unwrap();
+    dns.set_addresses(HEADLESS, &hosts.ips).await.unwrap();
+    eventually("ListPeers to recover", Duration::from_secs(10), || async move {
+        !peers(first).await.stale
+    })
+    .await;
+    for replica in replicas.into_iter().flatten() {
+        replica.shutdown().await.unwrap();
+    }
+    dns.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_empty_answer_is_an_empty_set_not_an_error() {
+    let cluster = Cluster::start(2, &[]).await;
+    cluster.publish(&[]).await;
+    let first = cluster.addr(0);
+    eventually("the peer set to empty", Duration::from_secs(10), || async move {
+        peers(first).await.peers.len() == 1
+    })
+    .await;
+    let view = peers(first).await;
+    assert!(
+        !view.stale && view.last_error.is_empty(),
+        "no ready pods is not a failure: {view:?}"
+    );
+    assert!(view.peers[0].local, "a replica always lists itself");
+    let response = cluster
+        .client(0)
+        .await
+        .broadcast(broadcast(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (response.replicas, response.acked),
+        (1, 1),
+        "delivered to itself only"
+    );
+    assert_eq!(health_status(first, "").await, 1, "still SERVING");
+    cluster.shutdown().await;
+}

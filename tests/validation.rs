@@ -55,7 +55,7 @@ async fn every_invalid_broadcast_gets_a_status_that_names_the_problem() {
                 topic: "a".repeat(300),
                 ..valid()
             },
-            Code::ResourceExhausted,
+            Code::InvalidArgument,
             "limit is 255",
         ),
         (

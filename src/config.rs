@@ -13,6 +13,9 @@ use crate::{
 
 /// Largest `--max-message-bytes` accepted.
 const MAX_MESSAGE_BYTES_CEILING: usize = 64 * 1024 * 1024;
+/// Longest accepted timeout: far beyond any sensible value, and far from
+/// overflowing `Instant` arithmetic.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Room on top of the payload limit for the rest of a message (topic, id,
 /// headers, origin): gRPC frames are checked against payload + this.
 const ENVELOPE_HEADROOM: usize = 512 * 1024;
@@ -88,10 +91,16 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_DEDUP_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub dedup_ttl: Duration,
 
-    /// How many deliveries one subscriber may fall behind before it is
-    /// disconnected (told where to resume).
-    #[arg(long, env = "REPLICAST_SUBSCRIBER_BUFFER", default_value_t = 1024)]
+    /// How many deliveries one subscriber may fall behind the newest before
+    /// it is disconnected (and told where to resume). Subscribers read from
+    /// the replay ring, so this costs no memory per subscriber.
+    #[arg(long, env = "REPLICAST_SUBSCRIBER_BUFFER", default_value_t = 4096)]
     pub subscriber_buffer: usize,
+
+    /// Broadcasts (with their background hops) in flight at once; more are
+    /// refused with RESOURCE_EXHAUSTED rather than queued.
+    #[arg(long, env = "REPLICAST_MAX_CONCURRENT_BROADCASTS", default_value_t = 4096)]
+    pub max_concurrent_broadcasts: usize,
 
     /// On shutdown, how long to wait for in-flight work before exiting.
     #[arg(long, env = "REPLICAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -108,6 +117,7 @@ pub struct Config {
     pub broadcast_timeout: Duration,
     pub peer_timeout: Duration,
     pub max_message_bytes: usize,
+    pub max_concurrent_broadcasts: usize,
     pub local: LocalLimits,
     pub drain_timeout: Duration,
 }
@@ -138,11 +148,11 @@ impl TryFrom<ServeArgs> for Config {
             reason,
         };
         let positive = |flag, d: Duration| {
-            if d.is_zero() {
+            if d.is_zero() || d > MAX_TIMEOUT {
                 Err(err(
                     flag,
                     &humantime::format_duration(d),
-                    "must be greater than zero",
+                    "must be more than 0 and at most 1h",
                 ))
             } else {
                 Ok(d)
@@ -150,7 +160,17 @@ impl TryFrom<ServeArgs> for Config {
         };
         positive("broadcast-timeout", args.broadcast_timeout)?;
         positive("peer-timeout", args.peer_timeout)?;
-        positive("dedup-ttl", args.dedup_ttl)?;
+        if args.dedup_ttl.is_zero() || args.dedup_ttl > Duration::from_secs(7 * 24 * 3600) {
+            return Err(err(
+                "dedup-ttl",
+                &humantime::format_duration(args.dedup_ttl),
+                "must be between 1ns and 7 days",
+            ));
+        }
+        positive("drain-timeout", args.drain_timeout)?;
+        if args.max_concurrent_broadcasts == 0 {
+            return Err(err("max-concurrent-broadcasts", &0, "must be at least 1"));
+        }
         if args.refresh_interval < Duration::from_millis(100) {
             return Err(err(
                 "refresh-interval",
@@ -167,6 +187,13 @@ impl TryFrom<ServeArgs> for Config {
         }
         if args.subscriber_buffer == 0 {
             return Err(err("subscriber-buffer", &0, "must be at least 1"));
+        }
+        if args.replay_capacity == 0 {
+            return Err(err(
+                "replay-capacity",
+                &0,
+                "must be at least 1 (live subscribers read from the ring)",
+            ));
         }
         if args.dedup_capacity == 0 {
             return Err(err("dedup-capacity", &0, "must be at least 1"));
@@ -211,6 +238,7 @@ impl TryFrom<ServeArgs> for Config {
             broadcast_timeout: args.broadcast_timeout,
             peer_timeout: args.peer_timeout,
             max_message_bytes: args.max_message_bytes,
+            max_concurrent_broadcasts: args.max_concurrent_broadcasts,
             local: LocalLimits {
                 replay_capacity: args.replay_capacity,
                 replay_max_bytes: args.replay_max_bytes,

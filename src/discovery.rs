@@ -23,7 +23,7 @@ use hickory_resolver::{
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::error::Error;
 
@@ -94,7 +94,8 @@ pub fn spawn_discovery(config: DiscoveryConfig) -> Result<Discovery, DiscoveryEr
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(PeerSnapshot::default()));
     let stop = CancellationToken::new();
     let source_name = config.source.describe();
-    let task = tokio::spawn(refresh_loop(resolver, config, snapshot_tx, stop.clone()));
+    let span = tracing::info_span!("discovery", source = %source_name);
+    let task = tokio::spawn(refresh_loop(resolver, config, snapshot_tx, stop.clone()).instrument(span));
     Ok(Discovery {
         snapshot_rx,
         source_name,
@@ -202,7 +203,10 @@ async fn refresh_loop(
 ) {
     let source_name = config.source.describe();
     loop {
-        let result = resolve(resolver.as_ref(), &config.source).await;
+        let result = tokio::select! {
+            result = resolve(resolver.as_ref(), &config.source) => result,
+            () = stop.cancelled() => return,
+        };
         let previous = snapshot_tx.borrow().clone();
         let next = next_snapshot(&previous, result, SystemTime::now());
         log_change(&source_name, &previous, &next);

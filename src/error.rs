@@ -53,6 +53,12 @@ pub enum Error {
 
     #[error("this replica is shutting down; reconnect to another replica")]
     ShuttingDown,
+
+    #[error(
+        "{limit} broadcasts are already in flight on this replica (--max-concurrent-broadcasts); \
+         retry with backoff, or send to another replica"
+    )]
+    Overloaded { limit: usize },
 }
 
 impl From<Error> for Status {
@@ -62,7 +68,7 @@ impl From<Error> for Status {
             Error::Invalid(v) if v.is_size_limit() => Status::resource_exhausted(message),
             Error::Invalid(_) => Status::invalid_argument(message),
             Error::ReplayEvicted { .. } | Error::ResumeAhead { .. } => Status::out_of_range(message),
-            Error::SubscriberLagged { .. } => Status::resource_exhausted(message),
+            Error::SubscriberLagged { .. } | Error::Overloaded { .. } => Status::resource_exhausted(message),
             Error::DiscoveryNotReady { .. } | Error::ShuttingDown => Status::unavailable(message),
             Error::PolicyNotMet {
                 deadline_exceeded,

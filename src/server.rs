@@ -7,7 +7,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tracing::{info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::{
     config::Config,
@@ -48,6 +48,7 @@ pub async fn serve(
             connect_timeout: config.peer_timeout,
             max_frame_bytes: config.max_frame_bytes(),
         },
+        config.max_concurrent_broadcasts,
     ));
     let stopping = CancellationToken::new();
 
@@ -94,12 +95,11 @@ pub async fn serve(
     }
 
     let signal = {
-        let health = health.clone();
         let stopping = stopping.clone();
         async move {
             shutdown.await;
             info!("shutting down: health NOT_SERVING, ending streams, draining");
-            set_health(&health, ServingStatus::NotServing).await;
+            // The membership task turns health NOT_SERVING on this.
             stopping.cancel();
         }
     };
@@ -121,17 +121,31 @@ pub async fn serve(
             signal,
         );
 
+    // One drain budget for the whole shutdown, counted from the signal:
+    // first for requests and streams to finish, then for background hops.
     let drain_timeout = config.drain_timeout;
+    let mut drain_deadline = tokio::time::Instant::now() + drain_timeout;
+    tokio::pin!(server);
     let result = tokio::select! {
-        result = server => result.map_err(ServeError::from),
-        () = async { stopping.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
-            warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
-            Ok(())
+        result = &mut server => result.map_err(ServeError::from),
+        () = stopping.cancelled() => {
+            drain_deadline = tokio::time::Instant::now() + drain_timeout;
+            tokio::select! {
+                result = &mut server => result.map_err(ServeError::from),
+                () = tokio::time::sleep_until(drain_deadline) => {
+                    warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
+                    Ok(())
+                }
+            }
         }
     };
-    fanout.drain(drain_timeout).await;
     stopping.cancel();
-    let _ = membership.await;
+    fanout
+        .drain(drain_deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
+    if let Err(e) = membership.await {
+        error!(error = %e, "membership task failed");
+    }
     discovery.shutdown().await;
     info!("replica stopped");
     result
@@ -176,29 +190,35 @@ impl ServerHandle {
     }
 }
 
-/// Follows discovery: health turns SERVING after the first successful lookup,
-/// and links to peers that left the set are dropped. Ends with `stopping`.
+/// Follows discovery and owns health: SERVING after the first successful
+/// lookup, NOT_SERVING as soon as `stopping` fires (one task writes health,
+/// so the two cannot race). Also drops links to peers that left the set;
+/// discovery publishes every refresh, so a link created from an older
+/// snapshot lives at most one refresh interval.
 fn spawn_membership(
     mut peers_rx: tokio::sync::watch::Receiver<Arc<crate::discovery::PeerSnapshot>>,
     fanout: Arc<FanOut>,
     health: HealthReporter,
     stopping: CancellationToken,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    let task = async move {
         let mut serving = false;
         loop {
             let snapshot = peers_rx.borrow_and_update().clone();
-            if snapshot.ready && !serving && !stopping.is_cancelled() {
+            if snapshot.ready && !serving {
                 set_health(&health, ServingStatus::Serving).await;
                 serving = true;
             }
             fanout.retain_links(&snapshot.peers);
             tokio::select! {
-                changed = peers_rx.changed() => if changed.is_err() { return },
-                () = stopping.cancelled() => return,
+                biased;
+                () = stopping.cancelled() => break,
+                changed = peers_rx.changed() => if changed.is_err() { break },
             }
         }
-    })
+        set_health(&health, ServingStatus::NotServing).await;
+    };
+    tokio::spawn(task.instrument(tracing::info_span!("membership")))
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

@@ -379,3 +379,29 @@ async fn caller_deadline_bounds_the_broadcast() {
     assert_eq!(receipts.acked, 2);
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn broadcasts_beyond_the_concurrency_limit_are_refused_not_queued() {
+    let mut cluster = Cluster::start_with(2, 0, &[]).await;
+    let _hung = HungPeer::start(cluster.hosts.listeners[1].take().unwrap());
+    cluster.publish(&[0, 1]).await;
+    cluster.start_replica(0, &["--max-concurrent-broadcasts", "1", "--peer-timeout", "2s"]);
+    common::wait_serving(cluster.addr(0)).await;
+    let mut client = cluster.client(0).await;
+    // NONE returns at once, but its hop to the hung peer holds the only slot.
+    client
+        .broadcast(request("t", "a", AckPolicy::None, ""))
+        .await
+        .expect("first is accepted");
+    let status = client
+        .broadcast(request("t", "b", AckPolicy::None, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-concurrent-broadcasts"),
+        "{}",
+        status.message()
+    );
+    cluster.shutdown().await;
+}

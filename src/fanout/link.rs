@@ -28,15 +28,15 @@ use tonic::{
     Code, Status, Streaming,
     transport::{Channel, Endpoint},
 };
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use crate::{
     error::HopError,
     proto::v1::{DeliverAck, DeliverFrame, DeliverResponse, Message, replicast_client::ReplicastClient},
 };
 
-/// Hops waiting for the link task. Beyond this, callers wait (within their
-/// deadline) for room.
+/// Hops waiting for the link task. Beyond this, further hops to the peer
+/// fail at once with UNAVAILABLE.
 const HOP_QUEUE: usize = 1024;
 /// Frames written but not yet taken by the HTTP/2 connection. A peer that
 /// stops reading (flow control) fills this, and further hops fail at once
@@ -83,7 +83,9 @@ impl PeerLink {
             .max_decoding_message_size(config.max_frame_bytes)
             .max_encoding_message_size(config.max_frame_bytes);
         let (hop_tx, hop_rx) = mpsc::channel(HOP_QUEUE);
-        let task = tokio::spawn(run(addr, client, hop_rx));
+        let task = tokio::spawn(
+            run(addr, client, hop_rx).instrument(tracing::info_span!("peer_link", peer = %addr)),
+        );
         Self { hop_tx, task }
     }
 
@@ -91,17 +93,23 @@ impl PeerLink {
     pub async fn deliver(&self, message: Message, deadline: Instant) -> HopResult {
         let started = Instant::now();
         let (reply_tx, reply_rx) = oneshot::channel();
-        let hop = async {
-            self.hop_tx
-                .send(Hop { message, reply_tx })
-                .await
-                .map_err(|_| HopError::ShuttingDown)?;
-            reply_rx
-                .await
-                .map_err(|_| HopError::Unavailable("the link to the peer closed before it answered".into()))?
-        };
-        match tokio::time::timeout_at(deadline.into(), hop).await {
-            Ok(result) => result,
+        // Never wait for queue space: a peer that cannot keep up fails its own
+        // hops at once instead of piling up waiting tasks and their messages.
+        self.hop_tx
+            .try_send(Hop { message, reply_tx })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => HopError::Unavailable(format!(
+                    "the link to this peer is saturated: {HOP_QUEUE} hops are queued"
+                )),
+                mpsc::error::TrySendError::Closed(_) => {
+                    HopError::Unavailable("the link task to this peer has stopped".into())
+                }
+            })?;
+        match tokio::time::timeout_at(deadline.into(), reply_rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(HopError::Unavailable(
+                "the link to the peer closed before it answered".into(),
+            )),
             Err(_) => Err(HopError::Timeout(deadline.saturating_duration_since(started))),
         }
     }

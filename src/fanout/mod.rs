@@ -19,9 +19,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use self::policy::{Tally, Verdict};
 pub use self::{
@@ -43,6 +43,9 @@ pub struct FanOut {
     link_config: LinkConfig,
     /// Owns every hop task; shutdown waits on it.
     hops: TaskTracker,
+    /// One permit per Broadcast whose hops are not all finished.
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
 }
 
 /// What became of one replica's delivery.
@@ -55,13 +58,20 @@ struct Receipt {
 }
 
 impl FanOut {
-    pub fn new(self_addr: SocketAddr, local: Arc<LocalDelivery>, link_config: LinkConfig) -> Self {
+    pub fn new(
+        self_addr: SocketAddr,
+        local: Arc<LocalDelivery>,
+        link_config: LinkConfig,
+        max_in_flight: usize,
+    ) -> Self {
         Self {
             self_addr,
             local,
             links: Mutex::new(HashMap::new()),
             link_config,
             hops: TaskTracker::new(),
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
         }
     }
 
@@ -74,6 +84,17 @@ impl FanOut {
         policy: AckPolicy,
         budget: Budget,
     ) -> Result<BroadcastResponse, Error> {
+        // Held until the last hop of this Broadcast ends, background ones
+        // included: the bound on fan-out work (and the messages it holds).
+        let permit = Arc::new(
+            self.in_flight
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Error::Overloaded {
+                    limit: self.max_in_flight,
+                })?,
+        );
+        let message_id = message.id.clone();
         let started = Instant::now();
         let hop_deadline = budget.hop_deadline(started);
         let remotes: Vec<SocketAddr> = peers.iter().copied().filter(|p| *p != self.self_addr).collect();
@@ -96,26 +117,31 @@ impl FanOut {
             let link = self.link(peer);
             let message = message.clone();
             let done_tx = done_tx.clone();
-            self.hops.spawn(async move {
+            let permit = permit.clone();
+            let hop = async move {
                 let result = link.deliver(message, hop_deadline).await;
                 if let Err(error) = &result {
-                    debug!(%peer, %error, "hop failed");
+                    debug!(%error, "hop failed");
                 }
                 // Fails only when Broadcast already returned; the receipt is
                 // then reported as pending, which is what happened.
                 let _ = done_tx.send((peer, result, started.elapsed())).await;
-            });
+                drop(permit);
+            };
+            self.hops
+                .spawn(hop.instrument(tracing::debug_span!("hop", %peer, message.id = %message_id)));
         }
         drop(done_tx);
 
-        let delivered = self.local.deliver(message.clone());
+        let id = message.id.clone();
+        let delivered = self.local.deliver(message);
         tally.ack();
         receipts.insert(
             self.self_addr,
             Receipt {
                 local: true,
                 result: Some(Ok(DeliverResponse {
-                    id: message.id.clone(),
+                    id: id.clone(),
                     sequence: delivered.sequence,
                     duplicate: delivered.duplicate,
                 })),
@@ -153,7 +179,7 @@ impl FanOut {
         }
 
         let response = BroadcastResponse {
-            id: message.id.clone(),
+            id,
             replicas: receipts.len() as u32,
             acked: tally.acked() as u32,
             outcomes: receipts.iter().map(|(peer, r)| outcome(*peer, r)).collect(),
@@ -220,14 +246,17 @@ fn outcome(peer: SocketAddr, receipt: &Receipt) -> PeerOutcome {
         }
         Some(Err(error)) => {
             outcome.code = error.code() as i32;
-            outcome.message = error.to_string();
+            outcome.message = clip(&error.to_string());
         }
     }
     outcome
 }
 
 /// "ack policy ALL not met for message X: 2 of 3 replicas acknowledged (3
-/// required); failed: 10.0.0.3:7420 DEADLINE_EXCEEDED (no answer within 1s)"
+/// required); failed: 10.0.0.3:7420 DEADLINE_EXCEEDED (no answer within 1s)".
+/// Names at most [`NAMED_FAILURES`]: the status travels in HTTP/2 trailers,
+/// which clients cap (16 KiB in hyper, 8 KiB in grpc-java); the details carry
+/// every receipt.
 fn failure_summary(
     response: &BroadcastResponse,
     policy: AckPolicy,
@@ -236,18 +265,89 @@ fn failure_summary(
     let failed: Vec<String> = receipts
         .iter()
         .filter_map(|(peer, r)| match &r.result {
-            Some(Err(e)) => Some(format!("{peer} {} ({e})", code_name(e.code()))),
+            Some(Err(e)) => Some(format!(
+                "{peer} {} ({})",
+                code_name(e.code()),
+                clip(&e.to_string())
+            )),
             None => Some(format!("{peer} no answer yet")),
             Some(Ok(_)) => None,
         })
         .collect();
+    let mut named = failed
+        .iter()
+        .take(NAMED_FAILURES)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if failed.len() > NAMED_FAILURES {
+        named.push_str(&format!(
+            " and {} more (see the status details)",
+            failed.len() - NAMED_FAILURES
+        ));
+    }
     format!(
-        "ack policy {} not met for message {}: {} of {} replicas acknowledged ({} required); failed: {}",
+        "ack policy {} not met for message {}: {} of {} replicas acknowledged ({} required); failed: {named}",
         policy.as_str_name().trim_start_matches("ACK_POLICY_"),
         response.id,
         response.acked,
         response.replicas,
         response.required,
-        failed.join(", ")
     )
+}
+
+/// Failed replicas named in a status message.
+const NAMED_FAILURES: usize = 5;
+/// Longest error text kept per receipt.
+const MAX_RECEIPT_MESSAGE: usize = 200;
+
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(MAX_RECEIPT_MESSAGE) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_names_a_few_failures_and_counts_the_rest() {
+        let mut receipts = BTreeMap::new();
+        for i in 1..=12u16 {
+            let peer: SocketAddr = format!("127.0.0.1:{i}").parse().unwrap();
+            let result = if i == 1 {
+                Some(Ok(DeliverResponse::default()))
+            } else {
+                Some(Err(HopError::Unavailable("x".repeat(1000))))
+            };
+            receipts.insert(
+                peer,
+                Receipt {
+                    local: i == 1,
+                    result,
+                    latency: Duration::ZERO,
+                },
+            );
+        }
+        let response = BroadcastResponse {
+            id: "m".into(),
+            replicas: 12,
+            acked: 1,
+            required: 12,
+            ..Default::default()
+        };
+        let summary = failure_summary(&response, AckPolicy::All, &receipts);
+        assert!(
+            summary.contains("1 of 12 replicas acknowledged (12 required)"),
+            "{summary}"
+        );
+        assert!(summary.contains("and 6 more"), "{summary}");
+        assert!(
+            summary.len() < 2000,
+            "the status message stays small: {} bytes",
+            summary.len()
+        );
+    }
 }

@@ -1,17 +1,19 @@
 //! Local delivery: hands messages to this replica's own consumers.
 //!
 //! One [`LocalDelivery`] per replica assigns consecutive sequence numbers,
-//! drops duplicates by id ([`DedupWindow`]), keeps recent deliveries for
-//! resuming subscribers ([`ReplayRing`]) and pushes each delivery to live
-//! subscribers over a bounded broadcast channel.
+//! drops duplicates by id ([`DedupWindow`]) and appends each delivery to the
+//! [`ReplayRing`]. Subscribers, live or resuming, read from that ring with
+//! their own cursor and are woken through a `watch` of the newest sequence.
+//!
+//! Why a cursor over the ring rather than a channel per subscriber: the ring
+//! is the only copy of recent messages however many subscribers there are, so
+//! memory is bounded by `--replay-max-bytes` even when a subscriber stops
+//! reading (a stalled HTTP/2 stream is simply not polled); a subscriber that
+//! falls more than `--subscriber-buffer` deliveries behind the newest is told
+//! where to resume and disconnected. Deliver never waits for a subscriber.
 //!
 //! Everything here is synchronous and takes one short `std::sync::Mutex`
-//! critical section per message (no `.await` while it is held): Deliver stays
-//! cheap, and sequence assignment, ring append and the live push happen in the
-//! same order for everyone. A slow subscriber cannot slow Deliver, because the
-//! live channel never blocks the sender: a receiver that falls more than
-//! `subscriber_buffer` messages behind is told it lagged and its stream ends
-//! with the sequence to resume after.
+//! critical section per message (never held across an `.await`).
 
 mod dedup;
 mod ring;
@@ -23,13 +25,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::broadcast;
+use prost::Message as _;
+use tokio::sync::watch;
 
 pub use self::{dedup::DedupWindow, ring::ReplayRing, topic::TopicFilter};
 use crate::{
     error::Error,
     proto::v1::{Delivery, Message},
 };
+
+/// How many deliveries a subscriber takes from the ring per lock.
+const READ_BATCH: usize = 64;
 
 /// Limits of local delivery, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -42,7 +48,8 @@ pub struct LocalLimits {
     pub dedup_capacity: usize,
     /// How long an id is remembered (`--dedup-ttl`).
     pub dedup_ttl: Duration,
-    /// How far one subscriber may fall behind (`--subscriber-buffer`).
+    /// How far one subscriber may fall behind the newest delivery
+    /// (`--subscriber-buffer`).
     pub subscriber_buffer: usize,
 }
 
@@ -55,12 +62,13 @@ pub struct Delivered {
     pub duplicate: bool,
 }
 
-/// This replica's local consumers: sequence numbers, dedup, replay and the
-/// live fan-out to Subscribe streams.
+/// This replica's local consumers: sequence numbers, dedup, and the ring
+/// that live and resuming subscribers read.
 #[derive(Debug)]
 pub struct LocalDelivery {
     state: Mutex<State>,
-    live_tx: broadcast::Sender<Arc<Delivery>>,
+    /// The newest sequence; subscribers wait on it when caught up.
+    head_tx: watch::Sender<u64>,
     limits: LocalLimits,
 }
 
@@ -73,14 +81,14 @@ struct State {
 
 impl LocalDelivery {
     pub fn new(limits: LocalLimits) -> Self {
-        let (live_tx, _) = broadcast::channel(limits.subscriber_buffer.max(1));
+        let (head_tx, _) = watch::channel(0);
         Self {
             state: Mutex::new(State {
                 last_sequence: 0,
                 dedup: DedupWindow::new(limits.dedup_capacity, limits.dedup_ttl),
-                ring: ReplayRing::new(limits.replay_capacity, limits.replay_max_bytes),
+                ring: ReplayRing::new(limits.replay_capacity.max(1), limits.replay_max_bytes),
             }),
-            live_tx,
+            head_tx,
             limits,
         }
     }
@@ -88,60 +96,66 @@ impl LocalDelivery {
     /// Delivers `message` unless its id was delivered before.
     pub fn deliver(&self, message: Message) -> Delivered {
         let now = Instant::now();
-        let mut state = self.lock();
-        if let Some(sequence) = state.dedup.get(&message.id, now) {
-            return Delivered {
+        // Sized outside the lock; the sequence field adds at most 11 bytes.
+        let size = message.encoded_len() + 11;
+        let delivered = {
+            let mut state = self.lock();
+            if let Some(sequence) = state.dedup.get(&message.id, now) {
+                return Delivered {
+                    sequence,
+                    duplicate: true,
+                };
+            }
+            state.last_sequence += 1;
+            let sequence = state.last_sequence;
+            state.dedup.insert(&message.id, sequence, now);
+            let delivery = Arc::new(Delivery {
                 sequence,
-                duplicate: true,
-            };
-        }
-        state.last_sequence += 1;
-        let sequence = state.last_sequence;
-        state.dedup.insert(&message.id, sequence, now);
-        let delivery = Arc::new(Delivery {
-            sequence,
-            message: Some(message),
-        });
-        state.ring.push(delivery.clone());
-        // Sent under the lock so live subscribers see sequence order. It only
-        // fails when nobody is subscribed, which is fine: the ring has it.
-        let _ = self.live_tx.send(delivery);
-        Delivered {
-            sequence,
-            duplicate: false,
-        }
+                message: Some(message),
+            });
+            state.ring.push(delivery, size);
+            Delivered {
+                sequence,
+                duplicate: false,
+            }
+        };
+        // Outside the lock: subscribers read the ring, the watch only wakes them.
+        self.head_tx.send_replace(delivered.sequence);
+        delivered
     }
 
-    /// Attaches a subscriber. With `after_sequence` > 0 it first replays what
-    /// the ring holds after that sequence, then continues live, with no gap
-    /// and no duplicate (the live receiver is registered under the same lock
-    /// that the ring snapshot is taken under).
-    pub fn subscribe(&self, filter: TopicFilter, after_sequence: u64) -> Result<Subscription, Error> {
+    /// Attaches a subscriber. With `after_sequence` > 0 it first gets what
+    /// the ring holds after that sequence, then live deliveries, with no gap
+    /// and no duplicate (it is one cursor over one ring).
+    pub fn subscribe(
+        self: &Arc<Self>,
+        filter: TopicFilter,
+        after_sequence: u64,
+    ) -> Result<Subscription, Error> {
         let state = self.lock();
-        let live_rx = self.live_tx.subscribe();
         let last = state.last_sequence;
-        let backlog = if after_sequence == 0 {
-            Vec::new()
-        } else if after_sequence > last {
+        if after_sequence > last {
             return Err(Error::ResumeAhead {
                 requested: after_sequence,
                 last,
             });
-        } else {
+        }
+        if after_sequence > 0 {
             state
                 .ring
-                .after(after_sequence, last)
+                .after(after_sequence, last, 1)
                 .map_err(|evicted| Error::ReplayEvicted {
                     requested: after_sequence,
                     oldest: evicted.oldest,
-                })?
-        };
+                })?;
+        }
         Ok(Subscription {
-            backlog: backlog.into(),
-            live_rx,
+            local: self.clone(),
+            head_rx: self.head_tx.subscribe(),
+            batch: VecDeque::new(),
             filter,
-            last_seen: if after_sequence == 0 { last } else { after_sequence },
-            buffer: self.limits.subscriber_buffer,
+            cursor: if after_sequence == 0 { last } else { after_sequence },
+            attached_at: last,
         })
     }
 
@@ -152,7 +166,29 @@ impl LocalDelivery {
 
     /// How many Subscribe streams are attached.
     pub fn subscriber_count(&self) -> usize {
-        self.live_tx.receiver_count()
+        self.head_tx.receiver_count()
+    }
+
+    /// The next deliveries after `cursor`, or why the subscriber cannot have
+    /// them. Lag counts from `attached_at` at the earliest: a subscriber that
+    /// resumed far back may replay the ring at its own pace, and is cut off
+    /// only when more than `subscriber_buffer` new deliveries pile up.
+    fn read_after(&self, cursor: u64, attached_at: u64) -> Result<Vec<Arc<Delivery>>, Error> {
+        let state = self.lock();
+        let last = state.last_sequence;
+        if last.saturating_sub(cursor.max(attached_at)) > self.limits.subscriber_buffer as u64 {
+            return Err(Error::SubscriberLagged {
+                resume_after: cursor,
+                buffer: self.limits.subscriber_buffer,
+            });
+        }
+        state
+            .ring
+            .after(cursor, last, READ_BATCH)
+            .map_err(|evicted| Error::ReplayEvicted {
+                requested: cursor,
+                oldest: evicted.oldest,
+            })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -162,15 +198,18 @@ impl LocalDelivery {
     }
 }
 
-/// One subscriber's view: the replay backlog, then the live channel.
+/// One subscriber: a cursor into the ring, and a topic filter.
 #[derive(Debug)]
 pub struct Subscription {
-    backlog: VecDeque<Arc<Delivery>>,
-    live_rx: broadcast::Receiver<Arc<Delivery>>,
+    local: Arc<LocalDelivery>,
+    head_rx: watch::Receiver<u64>,
+    /// Taken from the ring, not yet passed to the subscriber.
+    batch: VecDeque<Arc<Delivery>>,
     filter: TopicFilter,
     /// The last sequence this subscriber has passed (sent or filtered out).
-    last_seen: u64,
-    buffer: usize,
+    cursor: u64,
+    /// The newest sequence when it subscribed.
+    attached_at: u64,
 }
 
 impl Subscription {
@@ -179,26 +218,22 @@ impl Subscription {
     /// or [`Error::ShuttingDown`] when the replica stops.
     pub async fn next(&mut self) -> Result<Arc<Delivery>, Error> {
         loop {
-            let delivery = match self.backlog.pop_front() {
-                Some(delivery) => delivery,
-                None => match self.live_rx.recv().await {
-                    Ok(delivery) => delivery,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        return Err(Error::SubscriberLagged {
-                            resume_after: self.last_seen,
-                            buffer: self.buffer,
-                        });
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Err(Error::ShuttingDown),
-                },
-            };
-            if delivery.sequence <= self.last_seen {
+            if let Some(delivery) = self.batch.pop_front() {
+                self.cursor = delivery.sequence;
+                let topic = delivery.message.as_ref().map_or("", |m| m.topic.as_str());
+                if self.filter.matches(topic) {
+                    return Ok(delivery);
+                }
                 continue;
             }
-            self.last_seen = delivery.sequence;
-            let topic = delivery.message.as_ref().map_or("", |m| m.topic.as_str());
-            if self.filter.matches(topic) {
-                return Ok(delivery);
+            // Mark the head seen before reading the ring, so a delivery that
+            // lands after the read wakes `changed` below (no lost wake-up).
+            self.head_rx.borrow_and_update();
+            let batch = self.local.read_after(self.cursor, self.attached_at)?;
+            if batch.is_empty() {
+                self.head_rx.changed().await.map_err(|_| Error::ShuttingDown)?;
+            } else {
+                self.batch = batch.into();
             }
         }
     }
@@ -208,14 +243,14 @@ impl Subscription {
 mod tests {
     use super::*;
 
-    fn local(replay: usize, buffer: usize) -> LocalDelivery {
-        LocalDelivery::new(LocalLimits {
+    fn local(replay: usize, buffer: usize) -> Arc<LocalDelivery> {
+        Arc::new(LocalDelivery::new(LocalLimits {
             replay_capacity: replay,
             replay_max_bytes: usize::MAX,
             dedup_capacity: 1000,
             dedup_ttl: Duration::from_secs(60),
             subscriber_buffer: buffer,
-        })
+        }))
     }
 
     fn msg(id: &str, topic: &str) -> Message {
@@ -314,5 +349,50 @@ mod tests {
             }) => {}
             other => panic!("expected SubscriberLagged resume_after=0, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn resuming_far_back_replays_at_its_own_pace() {
+        let l = local(100, 4);
+        for i in 1..=20 {
+            l.deliver(msg(&format!("m{i}"), "t"));
+        }
+        let mut sub = l.subscribe(TopicFilter::default(), 2).unwrap();
+        for seq in 3..=20 {
+            assert_eq!(
+                sub.next().await.unwrap().sequence,
+                seq,
+                "18 behind, but all from before it attached"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn subscriber_behind_the_ring_is_told_what_is_gone() {
+        let l = local(3, 100);
+        let mut sub = l.subscribe(TopicFilter::default(), 0).unwrap();
+        assert_eq!(l.subscriber_count(), 1);
+        for i in 1..=5 {
+            l.deliver(msg(&format!("m{i}"), "t"));
+        }
+        match sub.next().await {
+            Err(Error::ReplayEvicted {
+                requested: 0,
+                oldest: 3,
+            }) => {}
+            other => panic!("expected ReplayEvicted oldest=3, got {other:?}"),
+        }
+        drop(sub);
+        assert_eq!(l.subscriber_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn caught_up_subscriber_wakes_on_the_next_delivery() {
+        let l = local(10, 10);
+        let mut sub = l.subscribe(TopicFilter::default(), 0).unwrap();
+        let waiter = tokio::spawn(async move { sub.next().await.map(|d| d.sequence) });
+        tokio::task::yield_now().await;
+        l.deliver(msg("late", "t"));
+        assert_eq!(waiter.await.unwrap().unwrap(), 1);
     }
 }

@@ -2,13 +2,13 @@
 
 use std::{collections::VecDeque, sync::Arc};
 
-use prost::Message as _;
-
 use crate::proto::v1::Delivery;
 
 /// Keeps the most recent deliveries in sequence order: at most `capacity`
 /// of them and at most `max_bytes` of encoded messages, whichever binds
-/// first (10,000 one-MiB messages would otherwise be 10 GiB).
+/// first (10,000 one-MiB messages would otherwise be 10 GiB), but always the
+/// newest one. Live subscribers read from here too, so this is the only copy
+/// of recent messages a replica holds, however many subscribers it has.
 #[derive(Debug)]
 pub struct ReplayRing {
     entries: VecDeque<(Arc<Delivery>, usize)>,
@@ -34,18 +34,18 @@ impl ReplayRing {
         }
     }
 
-    /// Appends the next delivery; its sequence must follow the previous one.
-    pub fn push(&mut self, delivery: Arc<Delivery>) {
+    /// Appends the next delivery, `size` bytes encoded; its sequence must
+    /// follow the previous one.
+    pub fn push(&mut self, delivery: Arc<Delivery>, size: usize) {
         debug_assert!(
             self.entries
                 .back()
                 .is_none_or(|(last, _)| last.sequence + 1 == delivery.sequence),
             "sequences must be consecutive"
         );
-        let size = delivery.encoded_len();
         self.entries.push_back((delivery, size));
         self.bytes += size;
-        while self.entries.len() > self.capacity || self.bytes > self.max_bytes {
+        while self.entries.len() > 1 && (self.entries.len() > self.capacity || self.bytes > self.max_bytes) {
             let Some((_, evicted)) = self.entries.pop_front() else {
                 break;
             };
@@ -53,23 +53,28 @@ impl ReplayRing {
         }
     }
 
-    /// Every retained delivery with a sequence greater than `after`, given
-    /// that the last assigned sequence is `last`. Fails when a delivery the
-    /// caller needs (`after + 1`) has already been evicted.
-    pub fn after(&self, after: u64, last: u64) -> Result<Vec<Arc<Delivery>>, Evicted> {
+    /// Up to `limit` retained deliveries with a sequence greater than
+    /// `after`, given that the last assigned sequence is `last`. Fails when
+    /// the one the caller needs next (`after + 1`) was already evicted.
+    pub fn after(&self, after: u64, last: u64, limit: usize) -> Result<Vec<Arc<Delivery>>, Evicted> {
         if after >= last {
             return Ok(Vec::new());
         }
         let oldest = match self.entries.front() {
             Some((front, _)) => front.sequence,
-            // Nothing retained (capacity 0): only "live from now" is possible.
             None => return Err(Evicted { oldest: last + 1 }),
         };
         if after + 1 < oldest {
             return Err(Evicted { oldest });
         }
         let skip = usize::try_from(after + 1 - oldest).unwrap_or(usize::MAX);
-        Ok(self.entries.iter().skip(skip).map(|(d, _)| d.clone()).collect())
+        Ok(self
+            .entries
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .map(|(d, _)| d.clone())
+            .collect())
     }
 
     pub fn len(&self) -> usize {
@@ -93,10 +98,13 @@ mod tests {
     fn ring_with(capacity: usize, count: u64) -> ReplayRing {
         let mut ring = ReplayRing::new(capacity, usize::MAX);
         for sequence in 1..=count {
-            ring.push(Arc::new(Delivery {
-                sequence,
-                message: None,
-            }));
+            ring.push(
+                Arc::new(Delivery {
+                    sequence,
+                    message: None,
+                }),
+                10,
+            );
         }
         ring
     }
@@ -108,40 +116,46 @@ mod tests {
     #[test]
     fn replays_what_was_missed() {
         let ring = ring_with(10, 5);
-        assert_eq!(seqs(ring.after(2, 5).unwrap()), vec![3, 4, 5]);
-        assert_eq!(seqs(ring.after(5, 5).unwrap()), Vec::<u64>::new());
-        assert_eq!(seqs(ring.after(9, 5).unwrap()), Vec::<u64>::new());
+        assert_eq!(seqs(ring.after(2, 5, 100).unwrap()), vec![3, 4, 5]);
+        assert_eq!(seqs(ring.after(2, 5, 2).unwrap()), vec![3, 4], "at most `limit`");
+        assert_eq!(seqs(ring.after(5, 5, 100).unwrap()), Vec::<u64>::new());
+        assert_eq!(seqs(ring.after(9, 5, 100).unwrap()), Vec::<u64>::new());
     }
 
     #[test]
     fn evicted_range_names_oldest() {
         let ring = ring_with(3, 10);
         assert_eq!(ring.len(), 3);
-        assert_eq!(ring.after(6, 10), Err(Evicted { oldest: 8 }));
-        assert_eq!(seqs(ring.after(7, 10).unwrap()), vec![8, 9, 10]);
+        assert_eq!(ring.after(6, 10, 100), Err(Evicted { oldest: 8 }));
+        assert_eq!(seqs(ring.after(7, 10, 100).unwrap()), vec![8, 9, 10]);
     }
 
     #[test]
-    fn bounded_by_bytes() {
+    fn bounded_by_bytes_but_keeps_the_newest() {
         let mut ring = ReplayRing::new(100, 250);
         for sequence in 1..=5 {
-            ring.push(Arc::new(Delivery {
-                sequence,
-                message: Some(crate::proto::v1::Message {
-                    payload: vec![0; 100].into(),
-                    ..Default::default()
+            ring.push(
+                Arc::new(Delivery {
+                    sequence,
+                    message: None,
                 }),
-            }));
+                100,
+            );
         }
-        assert_eq!(ring.len(), 2, "two ~105-byte deliveries fit in 250 bytes");
-        assert!(ring.bytes() <= 250);
-        assert_eq!(ring.after(2, 5), Err(Evicted { oldest: 4 }));
-    }
-
-    #[test]
-    fn zero_capacity_replays_nothing() {
-        let ring = ring_with(0, 4);
-        assert_eq!(ring.after(2, 4), Err(Evicted { oldest: 5 }));
-        assert!(ring.after(4, 4).unwrap().is_empty());
+        assert_eq!(ring.len(), 2, "two 100-byte deliveries fit in 250 bytes");
+        assert_eq!(ring.bytes(), 200);
+        assert_eq!(ring.after(2, 5, 100), Err(Evicted { oldest: 4 }));
+        ring.push(
+            Arc::new(Delivery {
+                sequence: 6,
+                message: None,
+            }),
+            1000,
+        );
+        assert_eq!(
+            seqs(ring.after(5, 6, 100).unwrap()),
+            vec![6],
+            "the newest stays even when oversized"
+        );
     }
 }

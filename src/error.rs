@@ -33,6 +33,14 @@ pub enum Error {
     SubscriberLagged { resume_after: u64, buffer: usize },
 
     #[error(
+        "subscriber fell behind the replay ring: the deliveries after {cursor} up to {} are no longer retained \
+         (--replay-capacity, --replay-max-bytes); resubscribe with after_sequence={} to continue without them, \
+         or read faster",
+        oldest.saturating_sub(1), oldest.saturating_sub(1)
+    )]
+    SubscriberOverrun { cursor: u64, oldest: u64 },
+
+    #[error(
         "peer discovery ({source_name}) has not completed its first lookup within {waited:?}: {last_error}; \
          retry, or check the DNS configuration"
     )]
@@ -68,7 +76,9 @@ impl From<Error> for Status {
             Error::Invalid(v) if v.is_size_limit() => Status::resource_exhausted(message),
             Error::Invalid(_) => Status::invalid_argument(message),
             Error::ReplayEvicted { .. } | Error::ResumeAhead { .. } => Status::out_of_range(message),
-            Error::SubscriberLagged { .. } | Error::Overloaded { .. } => Status::resource_exhausted(message),
+            Error::SubscriberLagged { .. } | Error::SubscriberOverrun { .. } | Error::Overloaded { .. } => {
+                Status::resource_exhausted(message)
+            }
             Error::DiscoveryNotReady { .. } | Error::ShuttingDown => Status::unavailable(message),
             Error::PolicyNotMet {
                 deadline_exceeded,
@@ -114,7 +124,7 @@ pub fn broadcast_response_from_status(status: &Status) -> Option<BroadcastRespon
 /// Why one hop of a fan-out failed. Reported in that peer's receipt.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HopError {
-    #[error("no answer within {0:?}")]
+    #[error("no answer within {}", humantime::format_duration(Duration::from_millis(.0.as_millis() as u64)))]
     Timeout(Duration),
     #[error("{0}")]
     Unavailable(String),
@@ -133,6 +143,25 @@ impl HopError {
             Self::Rejected { code, .. } => *code,
         }
     }
+}
+
+/// An error and its sources, "outer: inner: root", skipping a source whose
+/// text repeats its parent's (tonic's transport errors alone say only
+/// "transport error", and some layers repeat themselves).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut previous = text.clone();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !previous.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        previous = cause_text;
+        source = cause.source();
+    }
+    text
 }
 
 /// The canonical name of a gRPC code, as grpcurl and the gRPC docs spell it.

@@ -156,11 +156,13 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     }
 
     println!(
-        "replicast bench: {} replicas via {}, payload {} B, ack {:?}, {} per row after {} warm-up",
+        "replicast bench: {} replicas via {}, payload {} B, ack {}, {} per row after {} warm-up",
         replicas.len(),
         args.to,
         args.payload,
-        args.ack,
+        AckPolicy::from(args.ack)
+            .as_str_name()
+            .trim_start_matches("ACK_POLICY_"),
         humantime::format_duration(args.duration),
         humantime::format_duration(args.warmup),
     );

@@ -92,7 +92,7 @@ pub async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
                 print_receipts(&response);
             }
             eprintln!(
-                "broadcast failed: {} {}",
+                "replicast: broadcast failed: {}: {}",
                 code_name(status.code()),
                 status.message()
             );

@@ -12,6 +12,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     config::{Config, ServeArgs},
+    error::error_chain,
     proto::v1::replicast_client::ReplicastClient,
     server,
 };
@@ -93,19 +94,6 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
-}
-
-/// An error and its sources, "outer: inner: root" (tonic's transport error
-/// alone says only "transport error").
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Connects a client to `addr` (`host:port` or a URL).

@@ -64,10 +64,13 @@ impl Budget {
         }
     }
 
-    /// The deadline of a hop that starts at `now`: the Broadcast's own
-    /// deadline or `peer_timeout` from now, whichever comes first.
+    /// The deadline of a hop that starts at `now`: `peer_timeout` from now,
+    /// or just before the Broadcast's own deadline (so a hop that times out
+    /// is reported as such, not as still pending), whichever comes first.
     pub fn hop_deadline(&self, now: Instant) -> Instant {
-        self.deadline.min(now + self.peer_timeout)
+        let left = self.deadline.saturating_duration_since(now);
+        let receipt_margin = (left / 100).clamp(Duration::from_micros(100), Duration::from_millis(10));
+        (self.deadline - receipt_margin.min(left)).min(now + self.peer_timeout)
     }
 }
 
@@ -105,7 +108,11 @@ mod tests {
             Duration::from_secs(1),
         );
         assert_eq!(b.deadline, now + Duration::from_millis(180));
-        assert_eq!(b.hop_deadline(now), now + Duration::from_millis(180));
+        assert_eq!(
+            b.hop_deadline(now),
+            now + Duration::from_millis(180) - Duration::from_micros(1800),
+            "hops end 1% before the Broadcast so their receipts make it"
+        );
 
         let b = Budget::new(
             now,
@@ -127,6 +134,10 @@ mod tests {
         let b = Budget::new(now, None, Duration::from_secs(5), Duration::from_secs(1));
         assert_eq!(b.deadline, now + Duration::from_secs(5));
         let late = now + Duration::from_millis(4500);
-        assert_eq!(b.hop_deadline(late), b.deadline, "a late hop gets what is left");
+        assert_eq!(
+            b.hop_deadline(late),
+            b.deadline - Duration::from_millis(5),
+            "a late hop gets what is left"
+        );
     }
 }

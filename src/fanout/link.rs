@@ -31,7 +31,7 @@ use tonic::{
 use tracing::{Instrument, debug};
 
 use crate::{
-    error::HopError,
+    error::{HopError, error_chain},
     proto::v1::{DeliverAck, DeliverFrame, DeliverResponse, Message, replicast_client::ReplicastClient},
 };
 
@@ -277,13 +277,18 @@ impl Session {
 }
 
 fn hop_error(status: &Status, context: &str) -> HopError {
+    // The transport's cause ("Connection refused") hides in the source chain.
+    let mut message = format!("{context}: {}", status.message());
+    if let Some(source) = std::error::Error::source(status) {
+        let cause = error_chain(source);
+        if !message.ends_with(&cause) {
+            message = format!("{message}: {cause}");
+        }
+    }
     match status.code() {
         Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal => {
-            HopError::Unavailable(format!("{context}: {}", status.message()))
+            HopError::Unavailable(message)
         }
-        code => HopError::Rejected {
-            code,
-            message: format!("{context}: {}", status.message()),
-        },
+        code => HopError::Rejected { code, message },
     }
 }

@@ -152,7 +152,7 @@ impl FanOut {
         // A hop that timed out because the caller's own deadline bounded it
         // means the caller's deadline ran out, not that the peer was slow
         // against --peer-timeout.
-        let hops_bounded_by_caller = hop_deadline >= budget.deadline;
+        let hops_bounded_by_caller = hop_deadline < started + budget.peer_timeout;
         let mut deadline_exceeded = false;
         while tally.verdict().is_none() {
             match tokio::time::timeout_at(budget.deadline.into(), done_rx.recv()).await {

@@ -185,8 +185,8 @@ impl LocalDelivery {
         state
             .ring
             .after(cursor, last, READ_BATCH)
-            .map_err(|evicted| Error::ReplayEvicted {
-                requested: cursor,
+            .map_err(|evicted| Error::SubscriberOverrun {
+                cursor,
                 oldest: evicted.oldest,
             })
     }
@@ -376,11 +376,8 @@ mod tests {
             l.deliver(msg(&format!("m{i}"), "t"));
         }
         match sub.next().await {
-            Err(Error::ReplayEvicted {
-                requested: 0,
-                oldest: 3,
-            }) => {}
-            other => panic!("expected ReplayEvicted oldest=3, got {other:?}"),
+            Err(Error::SubscriberOverrun { cursor: 0, oldest: 3 }) => {}
+            other => panic!("expected SubscriberOverrun oldest=3, got {other:?}"),
         }
         drop(sub);
         assert_eq!(l.subscriber_count(), 0);

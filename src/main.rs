@@ -3,11 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use replicast::{cli::Cli, telemetry};
+use replicast::cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -17,6 +17,7 @@ use crate::{
     oversize::OversizeLayer,
     proto::{self, v1::replicast_server::ReplicastServer},
     service::ReplicastService,
+    telemetry::GrpcTraceLayer,
 };
 
 /// Why a replica could not serve.
@@ -106,6 +107,8 @@ pub async fn serve(
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Outermost first: the trace layer sees the final status.
+        .layer(GrpcTraceLayer)
         .layer(OversizeLayer)
         .add_service(health_service)
         .add_service(reflection_v1)

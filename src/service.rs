@@ -15,12 +15,16 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     discovery::{self, PeerSnapshot},
     error::{Error, code_name},
-    fanout::{Budget, FanOut, budget},
+    fanout::{Budget, FanOut, budget, deliver_locally},
     local::{LocalDelivery, TopicFilter},
     proto::v1::{
         BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest, DeliverResponse,
         Delivery, ListPeersRequest, ListPeersResponse, Message, Peer, SubscribeRequest,
         replicast_server::Replicast,
+    },
+    telemetry::{
+        self, propagation,
+        spans::{self, Side},
     },
     validate,
 };
@@ -65,7 +69,7 @@ impl ReplicastService {
         let message = message.ok_or(validate::ValidationError::MissingField { field: "message" })?;
         self.check_message(&message)?;
         let id = message.id.clone();
-        let delivered = self.local.deliver(message);
+        let delivered = deliver_locally(&self.local, message);
         Ok(DeliverResponse {
             id,
             sequence: delivered.sequence,
@@ -109,6 +113,13 @@ impl Replicast for ReplicastService {
             origin: self.self_addr.to_string(),
             sent_at: Some(SystemTime::now().into()),
         };
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("messaging.system", "replicast");
+            span.record("messaging.operation.type", "send");
+            span.record("messaging.destination.name", message.topic.as_str());
+            span.record("messaging.message.id", message.id.as_str());
+        }
         let mut peers_rx = self.peers_rx.clone();
         let snapshot = discovery::ready_snapshot(&mut peers_rx, &self.source_name, budget.deadline).await?;
         let policy = crate::fanout::policy::effective(policy);
@@ -132,16 +143,28 @@ impl Replicast for ReplicastService {
         let service = self.clone();
         let acks = request.into_inner().map(move |frame| {
             let frame = frame?;
+            // Each message continues the trace of the hop that sent it.
+            let span = match (&frame.message, telemetry::tracing_enabled()) {
+                (Some(message), true) => {
+                    spans::deliver(message, Some(propagation::extract_map(&frame.trace_context)))
+                }
+                _ => tracing::Span::none(),
+            };
+            let result = span.in_scope(|| service.deliver_one(frame.message));
             // A bad message fails its own ack; the stream carries on.
-            Ok(match service.deliver_one(frame.message) {
-                Ok(response) => DeliverAck {
-                    tag: frame.tag,
-                    code: 0,
-                    error: String::new(),
-                    response: Some(response),
-                },
+            Ok(match result {
+                Ok(response) => {
+                    spans::record_status(&span, Side::Server, tonic::Code::Ok, "");
+                    DeliverAck {
+                        tag: frame.tag,
+                        code: 0,
+                        error: String::new(),
+                        response: Some(response),
+                    }
+                }
                 Err(error) => {
                     let status = Status::from(error);
+                    spans::record_status(&span, Side::Server, status.code(), status.message());
                     DeliverAck {
                         tag: frame.tag,
                         code: status.code() as i32,

@@ -15,6 +15,7 @@ use crate::{
     error::error_chain,
     proto::v1::replicast_client::ReplicastClient,
     server,
+    telemetry::{self, LogFormat, TelemetryArgs},
 };
 
 pub use self::{
@@ -27,17 +28,40 @@ pub use self::{
 #[derive(Debug, Parser)]
 #[command(name = "replicast", version, about)]
 pub struct Cli {
+    /// Log output: text on a terminal and JSON otherwise (auto), or forced.
+    /// Filter with RUST_LOG (e.g. RUST_LOG=replicast=debug).
+    #[arg(
+        long,
+        global = true,
+        env = "REPLICAST_LOG_FORMAT",
+        value_enum,
+        default_value = "auto"
+    )]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
 
+// Parsed once per process; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one replica.
-    Serve(ServeArgs),
+    Serve {
+        #[command(flatten)]
+        replica: ServeArgs,
+        #[command(flatten)]
+        telemetry: TelemetryArgs,
+    },
     /// Run a local cluster of N replicas on 127.0.0.1, 127.0.0.2, ... that
     /// find each other through a DNS server on loopback.
-    DevCluster(DevClusterArgs),
+    DevCluster {
+        #[command(flatten)]
+        cluster: DevClusterArgs,
+        #[command(flatten)]
+        telemetry: TelemetryArgs,
+    },
     /// Broadcast one message and print a receipt per replica.
     Send(SendArgs),
     /// Print the deliveries of one replica as JSON lines.
@@ -55,15 +79,35 @@ impl Cli {
     /// Runs the command; the exit code says whether it succeeded.
     pub async fn run(self) -> Result<ExitCode, CliError> {
         match self.command {
-            Command::Serve(args) => {
-                let config = Config::try_from(args)?;
+            Command::Serve { replica, telemetry } => {
+                let config = Config::try_from(replica)?;
+                let telemetry = telemetry::init(self.log_format, &telemetry, &config.advertise.to_string())?;
                 let listener = TcpListener::bind(config.listen)
                     .await
                     .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-                server::serve(config, listener, shutdown_signal()).await?;
+                let served = server::serve(config, listener, shutdown_signal()).await;
+                telemetry.shutdown().await;
+                served?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::DevCluster(args) => dev_cluster::run(args).await,
+            Command::DevCluster { cluster, telemetry } => {
+                let telemetry = telemetry::init(self.log_format, &telemetry, "dev-cluster")?;
+                let result = dev_cluster::run(cluster).await;
+                telemetry.shutdown().await;
+                result
+            }
+            command => {
+                telemetry::init_logging(self.log_format);
+                command.run_client().await
+            }
+        }
+    }
+}
+
+impl Command {
+    async fn run_client(self) -> Result<ExitCode, CliError> {
+        match self {
+            Command::Serve { .. } | Command::DevCluster { .. } => unreachable!("servers are run by Cli::run"),
             Command::Send(args) => client::send(args).await,
             Command::Subscribe(args) => client::subscribe(args).await,
             Command::Peers(args) => client::peers(args).await,

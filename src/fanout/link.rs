@@ -58,6 +58,8 @@ type HopResult = Result<DeliverResponse, HopError>;
 
 struct Hop {
     message: Message,
+    /// The hop span's W3C context, carried in the frame.
+    trace_context: HashMap<String, String>,
     reply_tx: oneshot::Sender<HopResult>,
 }
 
@@ -83,20 +85,30 @@ impl PeerLink {
             .max_decoding_message_size(config.max_frame_bytes)
             .max_encoding_message_size(config.max_frame_bytes);
         let (hop_tx, hop_rx) = mpsc::channel(HOP_QUEUE);
-        let task = tokio::spawn(
-            run(addr, client, hop_rx).instrument(tracing::info_span!("peer_link", peer = %addr)),
-        );
+        // A root span: the link outlives the Broadcast that happened to create
+        // it, and must not keep that Broadcast's span open.
+        let span = tracing::info_span!(target: "replicast::link", parent: None, "peer_link", peer = %addr);
+        let task = tokio::spawn(run(addr, client, hop_rx).instrument(span));
         Self { hop_tx, task }
     }
 
     /// Delivers `message` to the peer, giving up at `deadline`.
-    pub async fn deliver(&self, message: Message, deadline: Instant) -> HopResult {
+    pub async fn deliver(
+        &self,
+        message: Message,
+        trace_context: HashMap<String, String>,
+        deadline: Instant,
+    ) -> HopResult {
         let started = Instant::now();
         let (reply_tx, reply_rx) = oneshot::channel();
         // Never wait for queue space: a peer that cannot keep up fails its own
         // hops at once instead of piling up waiting tasks and their messages.
         self.hop_tx
-            .try_send(Hop { message, reply_tx })
+            .try_send(Hop {
+                message,
+                trace_context,
+                reply_tx,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => HopError::Unavailable(format!(
                     "the link to this peer is saturated: {HOP_QUEUE} hops are queued"
@@ -197,6 +209,7 @@ impl Session {
         let frame = DeliverFrame {
             tag,
             message: Some(hop.message),
+            trace_context: hop.trace_context,
         };
         match self.frame_tx.try_send(frame) {
             Ok(()) => {

@@ -32,6 +32,10 @@ use crate::{
     error::{Error, HopError, code_name},
     local::LocalDelivery,
     proto::v1::{AckPolicy, BroadcastResponse, DeliverResponse, Message, PeerOutcome},
+    telemetry::{
+        propagation,
+        spans::{self, Side},
+    },
 };
 
 /// Delivers messages to the whole peer set.
@@ -94,7 +98,6 @@ impl FanOut {
                     limit: self.max_in_flight,
                 })?,
         );
-        let message_id = message.id.clone();
         let started = Instant::now();
         let hop_deadline = budget.hop_deadline(started);
         let remotes: Vec<SocketAddr> = peers.iter().copied().filter(|p| *p != self.self_addr).collect();
@@ -115,26 +118,29 @@ impl FanOut {
                 },
             );
             let link = self.link(peer);
+            let hop_span = spans::hop(peer, &message, false);
+            let trace_context = if hop_span.is_disabled() {
+                HashMap::new()
+            } else {
+                propagation::inject_map(&hop_span)
+            };
             let message = message.clone();
             let done_tx = done_tx.clone();
             let permit = permit.clone();
             let hop = async move {
-                let result = link.deliver(message, hop_deadline).await;
-                if let Err(error) = &result {
-                    debug!(%error, "hop failed");
-                }
+                let result = link.deliver(message, trace_context, hop_deadline).await;
+                record_hop(&result);
                 // Fails only when Broadcast already returned; the receipt is
                 // then reported as pending, which is what happened.
                 let _ = done_tx.send((peer, result, started.elapsed())).await;
                 drop(permit);
             };
-            self.hops
-                .spawn(hop.instrument(tracing::debug_span!("hop", %peer, message.id = %message_id)));
+            self.hops.spawn(hop.instrument(hop_span));
         }
         drop(done_tx);
 
         let id = message.id.clone();
-        let delivered = self.local.deliver(message);
+        let delivered = self.deliver_to_self(message);
         tally.ack();
         receipts.insert(
             self.self_addr,
@@ -196,6 +202,20 @@ impl FanOut {
         })
     }
 
+    /// The in-process hop, traced like a remote one (hop, then Deliver, then
+    /// local delivery) so a trace shows every replica the same way.
+    fn deliver_to_self(&self, message: Message) -> crate::local::Delivered {
+        let hop_span = spans::hop(self.self_addr, &message, true);
+        let _hop = hop_span.enter();
+        let deliver_span = spans::deliver(&message, None);
+        let _deliver = deliver_span.enter();
+        let delivered = deliver_locally(&self.local, message);
+        spans::record_status(&deliver_span, Side::Server, tonic::Code::Ok, "");
+        spans::record_status(&hop_span, Side::Client, tonic::Code::Ok, "");
+        hop_span.record("replicast.duplicate", delivered.duplicate);
+        delivered
+    }
+
     /// Drops the links to peers that left the peer set.
     pub fn retain_links(&self, peers: &[SocketAddr]) {
         self.lock_links().retain(|addr, _| peers.contains(addr));
@@ -223,6 +243,38 @@ impl FanOut {
     fn lock_links(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<PeerLink>>> {
         // Held only for map operations, never across an await.
         self.links.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Hands `message` to this replica's consumers inside a local-delivery span.
+pub fn deliver_locally(local: &LocalDelivery, message: Message) -> crate::local::Delivered {
+    let span = spans::local_delivery(&message);
+    let _entered = span.enter();
+    let delivered = local.deliver(message);
+    if !span.is_disabled() {
+        span.record(
+            "messaging.replicast.sequence",
+            i64::try_from(delivered.sequence).unwrap_or(i64::MAX),
+        );
+        span.record("replicast.duplicate", delivered.duplicate);
+    }
+    delivered
+}
+
+/// Records a hop's outcome on the current (hop) span.
+fn record_hop(result: &Result<DeliverResponse, HopError>) {
+    let span = tracing::Span::current();
+    match result {
+        Ok(response) => {
+            spans::record_status(&span, Side::Client, tonic::Code::Ok, "");
+            if !span.is_disabled() {
+                span.record("replicast.duplicate", response.duplicate);
+            }
+        }
+        Err(error) => {
+            debug!(%error, "hop failed");
+            spans::record_status(&span, Side::Client, error.code(), &error.to_string());
+        }
     }
 }
 

@@ -1,0 +1,139 @@
+//! A tower layer that gives every replicast RPC a server span, continuing
+//! the caller's trace from its `traceparent` metadata.
+//!
+//! Health checks and reflection are not traced (a probe every few seconds is
+//! noise), nor is the opening of a DeliverStream: it is a long-lived pipe,
+//! and each message on it gets a Deliver span parented to the hop that sent
+//! it. For unary calls the span ends with the response and records its gRPC
+//! status; for Subscribe it covers the call's setup.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http::{Request, Response};
+use tonic::{Code, transport::server::TcpConnectInfo};
+use tower::{Layer, Service};
+use tracing::{Instrument, Span, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::{
+    propagation,
+    spans::{Side, record_status},
+};
+
+/// Methods whose status arrives at the end of a stream, after the span.
+const STREAMING: [&str; 1] = ["Subscribe"];
+/// Not traced as a call; see the module documentation.
+const UNTRACED: &str = "DeliverStream";
+const TRACED_PREFIX: &str = "/replicast.v1.Replicast/";
+
+/// Adds [`GrpcTrace`] around the server's routes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcTraceLayer;
+
+impl<S> Layer<S> for GrpcTraceLayer {
+    type Service = GrpcTrace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcTrace { inner }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct GrpcTrace<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for GrpcTrace<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = futures::future::Either<S::Future, BoxFuture<Result<Response<ResBody>, S::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if !super::tracing_enabled() {
+            return futures::future::Either::Left(self.inner.call(request));
+        }
+        let method = match request.uri().path().strip_prefix(TRACED_PREFIX) {
+            Some(method) if method != UNTRACED => method.to_owned(),
+            _ => return futures::future::Either::Left(self.inner.call(request)),
+        };
+        let span = server_span(&request, &method);
+        let response = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        let unary = !STREAMING.contains(&method.as_str());
+        futures::future::Either::Right(Box::pin(async move {
+            let result = response.instrument(span.clone()).await;
+            if let Ok(response) = &result {
+                record_response(&span, response.headers(), unary);
+            }
+            result
+        }))
+    }
+}
+
+fn server_span<B>(request: &Request<B>, method: &str) -> Span {
+    let connection = request.extensions().get::<TcpConnectInfo>();
+    let local = connection.and_then(TcpConnectInfo::local_addr);
+    let remote = connection.and_then(TcpConnectInfo::remote_addr);
+    let span = tracing::info_span!(
+        target: "replicast::rpc",
+        "grpc.server",
+        otel.name = format!("replicast.v1.Replicast/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "replicast.v1.Replicast",
+        rpc.method = method,
+        server.address = local.map(|a| a.ip().to_string()),
+        server.port = local.map(|a| i64::from(a.port())),
+        network.peer.address = remote.map(|a| a.ip().to_string()),
+        network.peer.port = remote.map(|a| i64::from(a.port())),
+        rpc.grpc.status_code = Empty,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        messaging.system = Empty,
+        messaging.operation.type = Empty,
+        messaging.destination.name = Empty,
+        messaging.message.id = Empty,
+    );
+    let _ = span.set_parent(propagation::extract_headers(request.headers()));
+    span
+}
+
+/// A trailers-only response (an error) carries grpc-status in its headers;
+/// a unary success has it in the trailers, and is OK.
+fn record_response(span: &Span, headers: &http::HeaderMap, unary: bool) {
+    let status = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok());
+    let message = headers
+        .get("grpc-message")
+        .map(|m| {
+            percent_encoding::percent_decode(m.as_bytes())
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default();
+    match status {
+        Some(code) => record_status(span, Side::Server, Code::from_i32(code), &message),
+        None if unary => record_status(span, Side::Server, Code::Ok, ""),
+        None => {}
+    }
+}

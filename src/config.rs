@@ -102,9 +102,25 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_MAX_CONCURRENT_BROADCASTS", default_value_t = 4096)]
     pub max_concurrent_broadcasts: usize,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. :9464 for all
+    /// interfaces). Unset: no metrics endpoint.
+    #[arg(long, env = "REPLICAST_METRICS_LISTEN", value_parser = parse_listen)]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// On shutdown, how long to wait for in-flight work before exiting.
     #[arg(long, env = "REPLICAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+}
+
+/// `host:port`, or `:port` for every interface.
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_owned()
+    };
+    full.parse()
+        .map_err(|e| format!("{s:?} is not ip:port or :port ({e})"))
 }
 
 /// A validated configuration.
@@ -119,6 +135,7 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub max_concurrent_broadcasts: usize,
     pub local: LocalLimits,
+    pub metrics_listen: Option<SocketAddr>,
     pub drain_timeout: Duration,
 }
 
@@ -247,6 +264,7 @@ impl TryFrom<ServeArgs> for Config {
                 subscriber_buffer: args.subscriber_buffer,
             },
             drain_timeout: args.drain_timeout,
+            metrics_listen: args.metrics_listen,
         })
     }
 }
@@ -296,6 +314,13 @@ mod tests {
                 port: 7777
             }
         );
+    }
+
+    #[test]
+    fn metrics_listen_accepts_a_bare_port() {
+        let c = parse(&["--metrics-listen", ":9464"]).unwrap();
+        assert_eq!(c.metrics_listen, Some("0.0.0.0:9464".parse().unwrap()));
+        assert_eq!(parse(&[]).unwrap().metrics_listen, None);
     }
 
     #[test]

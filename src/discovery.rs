@@ -85,8 +85,18 @@ pub struct Discovery {
     task: Option<JoinHandle<()>>,
 }
 
+/// Counters of lookups, for metrics (cheap clones of shared atomics).
+#[derive(Debug, Clone, Default)]
+pub struct LookupCounters {
+    pub lookups: prometheus_client::metrics::counter::Counter,
+    pub failures: prometheus_client::metrics::counter::Counter,
+}
+
 /// Starts resolving `config.source` in the background.
-pub fn spawn_discovery(config: DiscoveryConfig) -> Result<Discovery, DiscoveryError> {
+pub fn spawn_discovery(
+    config: DiscoveryConfig,
+    counters: LookupCounters,
+) -> Result<Discovery, DiscoveryError> {
     let resolver = match &config.source {
         PeerSource::Static(_) => None,
         PeerSource::Dns { .. } | PeerSource::Srv { .. } => Some(build_resolver(config.dns_server)?),
@@ -95,7 +105,8 @@ pub fn spawn_discovery(config: DiscoveryConfig) -> Result<Discovery, DiscoveryEr
     let stop = CancellationToken::new();
     let source_name = config.source.describe();
     let span = tracing::info_span!("discovery", source = %source_name);
-    let task = tokio::spawn(refresh_loop(resolver, config, snapshot_tx, stop.clone()).instrument(span));
+    let task =
+        tokio::spawn(refresh_loop(resolver, config, snapshot_tx, counters, stop.clone()).instrument(span));
     Ok(Discovery {
         snapshot_rx,
         source_name,
@@ -199,6 +210,7 @@ async fn refresh_loop(
     resolver: Option<TokioResolver>,
     config: DiscoveryConfig,
     snapshot_tx: watch::Sender<Arc<PeerSnapshot>>,
+    counters: LookupCounters,
     stop: CancellationToken,
 ) {
     let source_name = config.source.describe();
@@ -207,6 +219,10 @@ async fn refresh_loop(
             result = resolve(resolver.as_ref(), &config.source) => result,
             () = stop.cancelled() => return,
         };
+        counters.lookups.inc();
+        if result.is_err() {
+            counters.failures.inc();
+        }
         let previous = snapshot_tx.borrow().clone();
         let next = next_snapshot(&previous, result, SystemTime::now());
         log_change(&source_name, &previous, &next);

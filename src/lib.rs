@@ -7,6 +7,7 @@
 //! - [`local`]: sequence numbers, dedup, replay and subscribers on one replica.
 //! - [`service`]: the thin gRPC layer; [`error`] maps failures to statuses.
 //! - [`server`]: assembly, serving and ordered shutdown.
+//! - [`telemetry`], [`metrics`]: logs and traces; Prometheus metrics.
 //! - [`devdns`], [`loopback`]: the DNS server and address blocks that let
 //!   `dev-cluster` and the tests run many replicas on one machine.
 //! - [`cli`]: the client commands (send, subscribe, peers, bench, dev-cluster).
@@ -20,6 +21,7 @@ pub mod error;
 pub mod fanout;
 pub mod local;
 pub mod loopback;
+pub mod metrics;
 pub mod oversize;
 pub mod proto;
 pub mod server;

@@ -11,9 +11,10 @@ use tracing::{Instrument, error, info, warn};
 
 use crate::{
     config::Config,
-    discovery::{DiscoveryError, spawn_discovery},
+    discovery::{DiscoveryError, LookupCounters, spawn_discovery},
     fanout::{FanOut, LinkConfig},
     local::LocalDelivery,
+    metrics::{Metrics, StateCollector},
     oversize::OversizeLayer,
     proto::{self, v1::replicast_server::ReplicastServer},
     service::ReplicastService,
@@ -29,6 +30,12 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot listen for metrics on {addr} (--metrics-listen): {source}")]
+    MetricsListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs one replica on `listener` until `shutdown` resolves, then shuts down
@@ -40,7 +47,23 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let discovery = spawn_discovery(config.discovery.clone())?;
+    // Bound first: a bad --metrics-listen fails before anything starts.
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics = Metrics::default();
+    let discovery = spawn_discovery(
+        config.discovery.clone(),
+        LookupCounters {
+            lookups: metrics.dns_lookups.clone(),
+            failures: metrics.dns_failures.clone(),
+        },
+    )?;
     let local = Arc::new(LocalDelivery::new(config.local));
     let fanout = Arc::new(FanOut::new(
         config.advertise,
@@ -50,6 +73,7 @@ pub async fn serve(
             max_frame_bytes: config.max_frame_bytes(),
         },
         config.max_concurrent_broadcasts,
+        metrics.clone(),
     ));
     let stopping = CancellationToken::new();
 
@@ -80,8 +104,18 @@ pub async fn serve(
         broadcast_timeout: config.broadcast_timeout,
         peer_timeout: config.peer_timeout,
         max_message_bytes: config.max_message_bytes,
+        metrics: metrics.clone(),
         stopping: stopping.clone(),
     };
+    let metrics_endpoint = metrics_listener.map(|listener| {
+        info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
+        let registry = metrics.registry(StateCollector {
+            local: service.local.clone(),
+            fanout: fanout.clone(),
+            peers_rx: discovery.subscribe(),
+        });
+        crate::metrics::spawn_endpoint(listener, registry, stopping.clone())
+    });
     let replicast = ReplicastServer::new(service)
         .max_decoding_message_size(config.max_frame_bytes())
         .max_encoding_message_size(config.max_frame_bytes());
@@ -148,6 +182,9 @@ pub async fn serve(
         .await;
     if let Err(e) = membership.await {
         error!(error = %e, "membership task failed");
+    }
+    if let Some(endpoint) = metrics_endpoint {
+        let _ = endpoint.await; // ends with `stopping`; it logs its own errors
     }
     discovery.shutdown().await;
     info!("replica stopped");

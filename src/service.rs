@@ -17,9 +17,10 @@ use crate::{
     error::{Error, code_name},
     fanout::{Budget, FanOut, budget, deliver_locally},
     local::{LocalDelivery, TopicFilter},
+    metrics::{Metrics, OverflowLabels},
     proto::v1::{
-        BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest, DeliverResponse,
-        Delivery, ListPeersRequest, ListPeersResponse, Message, Peer, SubscribeRequest,
+        AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest,
+        DeliverResponse, Delivery, ListPeersRequest, ListPeersResponse, Message, Peer, SubscribeRequest,
         replicast_server::Replicast,
     },
     telemetry::{
@@ -42,6 +43,7 @@ pub struct ReplicastService {
     pub(crate) broadcast_timeout: std::time::Duration,
     pub(crate) peer_timeout: std::time::Duration,
     pub(crate) max_message_bytes: usize,
+    pub(crate) metrics: Metrics,
     /// Cancelled when the replica shuts down: long-lived streams end with
     /// UNAVAILABLE so clients reconnect elsewhere and the server can drain.
     pub(crate) stopping: CancellationToken,
@@ -65,28 +67,11 @@ impl ReplicastService {
         Ok(())
     }
 
-    fn deliver_one(&self, message: Option<Message>) -> Result<DeliverResponse, Error> {
-        let message = message.ok_or(validate::ValidationError::MissingField { field: "message" })?;
-        self.check_message(&message)?;
-        let id = message.id.clone();
-        let delivered = deliver_locally(&self.local, message);
-        Ok(DeliverResponse {
-            id,
-            sequence: delivered.sequence,
-            duplicate: delivered.duplicate,
-        })
-    }
-}
-
-#[tonic::async_trait]
-impl Replicast for ReplicastService {
-    async fn broadcast(
-        &self,
-        request: Request<BroadcastRequest>,
-    ) -> Result<Response<BroadcastResponse>, Status> {
+    /// Broadcast, with errors still typed (for metrics) until the RPC layer.
+    async fn broadcast_inner(&self, request: Request<BroadcastRequest>) -> Result<BroadcastResponse, Error> {
         let arrived = Instant::now();
         if self.stopping.is_cancelled() {
-            return Err(Error::ShuttingDown.into());
+            return Err(Error::ShuttingDown);
         }
         let budget = Budget::new(
             arrived,
@@ -95,11 +80,11 @@ impl Replicast for ReplicastService {
             self.peer_timeout,
         );
         let req = request.into_inner();
-        let policy = validate::ack_policy(req.ack).map_err(Error::from)?;
-        validate::topic(&req.topic).map_err(Error::from)?;
-        validate::payload(req.payload.len(), self.max_message_bytes).map_err(Error::from)?;
-        validate::headers(&req.headers).map_err(Error::from)?;
-        validate::id(&req.id).map_err(Error::from)?;
+        let policy = validate::ack_policy(req.ack)?;
+        validate::topic(&req.topic)?;
+        validate::payload(req.payload.len(), self.max_message_bytes)?;
+        validate::headers(&req.headers)?;
+        validate::id(&req.id)?;
 
         let message = Message {
             id: if req.id.is_empty() {
@@ -123,11 +108,34 @@ impl Replicast for ReplicastService {
         let mut peers_rx = self.peers_rx.clone();
         let snapshot = discovery::ready_snapshot(&mut peers_rx, &self.source_name, budget.deadline).await?;
         let policy = crate::fanout::policy::effective(policy);
-        let response = self
-            .fanout
+        self.fanout
             .broadcast(message, &snapshot.peers, policy, budget)
-            .await?;
-        Ok(Response::new(response))
+            .await
+    }
+
+    fn deliver_one(&self, message: Option<Message>) -> Result<DeliverResponse, Error> {
+        let message = message.ok_or(validate::ValidationError::MissingField { field: "message" })?;
+        self.check_message(&message)?;
+        let id = message.id.clone();
+        let delivered = deliver_locally(&self.local, &self.metrics, message);
+        Ok(DeliverResponse {
+            id,
+            sequence: delivered.sequence,
+            duplicate: delivered.duplicate,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Replicast for ReplicastService {
+    async fn broadcast(
+        &self,
+        request: Request<BroadcastRequest>,
+    ) -> Result<Response<BroadcastResponse>, Status> {
+        let ack = ack_label(request.get_ref().ack);
+        let result = self.broadcast_inner(request).await;
+        self.metrics.record_broadcast(outcome_label(&result), ack);
+        result.map(Response::new).map_err(Status::from)
     }
 
     async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
@@ -188,11 +196,25 @@ impl Replicast for ReplicastService {
         let subscription = self
             .local
             .subscribe(TopicFilter::new(&req.topics), req.after_sequence)?;
-        let deliveries = futures::stream::unfold(Some(subscription), |subscription| async move {
-            let mut subscription = subscription?;
-            match subscription.next().await {
-                Ok(delivery) => Some((Ok(Delivery::clone(&delivery)), Some(subscription))),
-                Err(error) => Some((Err(Status::from(error)), None)),
+        let overflows = self.metrics.subscriber_overflows.clone();
+        let deliveries = futures::stream::unfold(Some(subscription), move |subscription| {
+            let overflows = overflows.clone();
+            async move {
+                let mut subscription = subscription?;
+                match subscription.next().await {
+                    Ok(delivery) => Some((Ok(Delivery::clone(&delivery)), Some(subscription))),
+                    Err(error) => {
+                        let reason = match error {
+                            Error::SubscriberLagged { .. } => Some("lagged"),
+                            Error::SubscriberOverrun { .. } => Some("overrun"),
+                            _ => None,
+                        };
+                        if let Some(reason) = reason {
+                            overflows.get_or_create(&OverflowLabels { reason }).inc();
+                        }
+                        Some((Err(Status::from(error)), None))
+                    }
+                }
             }
         });
         Ok(Response::new(until_stopped(deliveries, self.stopping.clone())))
@@ -222,6 +244,34 @@ impl Replicast for ReplicastService {
             stale: snapshot.stale,
             last_error: snapshot.last_error.clone().unwrap_or_default(),
         }))
+    }
+}
+
+/// The `ack` label of a Broadcast in metrics.
+fn ack_label(ack: i32) -> &'static str {
+    match AckPolicy::try_from(ack) {
+        Ok(AckPolicy::Unspecified | AckPolicy::All) => "all",
+        Ok(AckPolicy::Quorum) => "quorum",
+        Ok(AckPolicy::One) => "one",
+        Ok(AckPolicy::None) => "none",
+        Err(_) => "invalid",
+    }
+}
+
+/// The `outcome` label of a Broadcast in metrics.
+fn outcome_label(result: &Result<BroadcastResponse, Error>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(Error::PolicyNotMet {
+            deadline_exceeded: true,
+            ..
+        }) => "deadline_exceeded",
+        Err(Error::PolicyNotMet { .. }) => "policy_not_met",
+        Err(Error::Invalid(_)) => "invalid",
+        Err(Error::Overloaded { .. }) => "overloaded",
+        Err(Error::DiscoveryNotReady { .. }) => "not_ready",
+        Err(Error::ShuttingDown) => "shutting_down",
+        Err(_) => "error",
     }
 }
 

@@ -31,6 +31,7 @@ pub use self::{
 use crate::{
     error::{Error, HopError, code_name},
     local::LocalDelivery,
+    metrics::Metrics,
     proto::v1::{AckPolicy, BroadcastResponse, DeliverResponse, Message, PeerOutcome},
     telemetry::{
         propagation,
@@ -50,6 +51,7 @@ pub struct FanOut {
     /// One permit per Broadcast whose hops are not all finished.
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    metrics: Metrics,
 }
 
 /// What became of one replica's delivery.
@@ -67,8 +69,10 @@ impl FanOut {
         local: Arc<LocalDelivery>,
         link_config: LinkConfig,
         max_in_flight: usize,
+        metrics: Metrics,
     ) -> Self {
         Self {
+            metrics,
             self_addr,
             local,
             links: Mutex::new(HashMap::new()),
@@ -127,9 +131,11 @@ impl FanOut {
             let message = message.clone();
             let done_tx = done_tx.clone();
             let permit = permit.clone();
+            let metrics = self.metrics.clone();
             let hop = async move {
                 let result = link.deliver(message, trace_context, hop_deadline).await;
                 record_hop(&result);
+                metrics.record_hop(peer, hop_result_label(&result), started.elapsed());
                 // Fails only when Broadcast already returned; the receipt is
                 // then reported as pending, which is what happened.
                 let _ = done_tx.send((peer, result, started.elapsed())).await;
@@ -141,6 +147,12 @@ impl FanOut {
 
         let id = message.id.clone();
         let delivered = self.deliver_to_self(message);
+        let label = if delivered.duplicate {
+            "duplicate"
+        } else {
+            "delivered"
+        };
+        self.metrics.record_hop(self.self_addr, label, started.elapsed());
         tally.ack();
         receipts.insert(
             self.self_addr,
@@ -209,11 +221,16 @@ impl FanOut {
         let _hop = hop_span.enter();
         let deliver_span = spans::deliver(&message, None);
         let _deliver = deliver_span.enter();
-        let delivered = deliver_locally(&self.local, message);
+        let delivered = deliver_locally(&self.local, &self.metrics, message);
         spans::record_status(&deliver_span, Side::Server, tonic::Code::Ok, "");
         spans::record_status(&hop_span, Side::Client, tonic::Code::Ok, "");
         hop_span.record("replicast.duplicate", delivered.duplicate);
         delivered
+    }
+
+    /// Broadcasts whose hops are not all finished.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.in_flight.available_permits()
     }
 
     /// Drops the links to peers that left the peer set.
@@ -247,10 +264,19 @@ impl FanOut {
 }
 
 /// Hands `message` to this replica's consumers inside a local-delivery span.
-pub fn deliver_locally(local: &LocalDelivery, message: Message) -> crate::local::Delivered {
+pub fn deliver_locally(
+    local: &LocalDelivery,
+    metrics: &Metrics,
+    message: Message,
+) -> crate::local::Delivered {
     let span = spans::local_delivery(&message);
     let _entered = span.enter();
     let delivered = local.deliver(message);
+    if delivered.duplicate {
+        metrics.duplicates.inc();
+    } else {
+        metrics.local_deliveries.inc();
+    }
     if !span.is_disabled() {
         span.record(
             "messaging.replicast.sequence",
@@ -259,6 +285,15 @@ pub fn deliver_locally(local: &LocalDelivery, message: Message) -> crate::local:
         span.record("replicast.duplicate", delivered.duplicate);
     }
     delivered
+}
+
+/// The `result` label of a hop in metrics.
+fn hop_result_label(result: &Result<DeliverResponse, HopError>) -> &'static str {
+    match result {
+        Ok(response) if response.duplicate => "duplicate",
+        Ok(_) => "delivered",
+        Err(error) => code_name(error.code()),
+    }
 }
 
 /// Records a hop's outcome on the current (hop) span.

@@ -53,6 +53,13 @@ pub struct LocalLimits {
     pub subscriber_buffer: usize,
 }
 
+/// The replay ring's size, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingOccupancy {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
 /// The result of handing one message to local consumers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivered {
@@ -162,6 +169,15 @@ impl LocalDelivery {
     /// The last sequence number assigned (0 before the first delivery).
     pub fn last_sequence(&self) -> u64 {
         self.lock().last_sequence
+    }
+
+    /// What the replay ring holds now.
+    pub fn ring_occupancy(&self) -> RingOccupancy {
+        let state = self.lock();
+        RingOccupancy {
+            messages: state.ring.len(),
+            bytes: state.ring.bytes(),
+        }
     }
 
     /// How many Subscribe streams are attached.

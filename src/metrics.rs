@@ -1,0 +1,250 @@
+//! Prometheus metrics of one replica, served as text on `--metrics-listen`.
+//!
+//! Counters and histograms are updated where things happen; gauges of
+//! current state (peers, subscribers, ring occupancy, fan-outs in flight,
+//! dropped spans) are read from their owners at scrape time by
+//! [`StateCollector`], so the hot path pays nothing for them. Each replica
+//! has its own [`Registry`]: several replicas in one process (dev-cluster,
+//! tests) do not mix their numbers.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::response::IntoResponse;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{discovery::PeerSnapshot, fanout::FanOut, local::LocalDelivery};
+
+/// Labels of a finished Broadcast.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BroadcastLabels {
+    /// ok, policy_not_met, deadline_exceeded, invalid, overloaded, not_ready, shutting_down.
+    pub outcome: &'static str,
+    /// all, quorum, one, none (or invalid).
+    pub ack: &'static str,
+}
+
+/// Labels of one hop's result.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HopLabels {
+    pub peer: String,
+    /// delivered, duplicate, or the gRPC code name of the failure.
+    pub result: &'static str,
+}
+
+/// Labels naming a peer.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
+/// Labels of a subscriber cut off for falling behind.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    /// lagged (more than --subscriber-buffer behind) or overrun (fell off the ring).
+    pub reason: &'static str,
+}
+
+/// The counters and histograms a replica updates as it works.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub broadcasts: Family<BroadcastLabels, Counter>,
+    pub hops: Family<HopLabels, Counter>,
+    pub hop_latency: Family<PeerLabels, Histogram>,
+    pub dns_lookups: Counter,
+    pub dns_failures: Counter,
+    pub local_deliveries: Counter,
+    pub duplicates: Counter,
+    pub subscriber_overflows: Family<OverflowLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to ~6.5 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            broadcasts: Family::default(),
+            hops: Family::default(),
+            hop_latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            dns_lookups: Counter::default(),
+            dns_failures: Counter::default(),
+            local_deliveries: Counter::default(),
+            duplicates: Counter::default(),
+            subscriber_overflows: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one hop's outcome and latency.
+    pub fn record_hop(&self, peer: SocketAddr, result: &'static str, latency: Duration) {
+        let peer = peer.to_string();
+        self.hop_latency
+            .get_or_create(&PeerLabels { peer: peer.clone() })
+            .observe(latency.as_secs_f64());
+        self.hops.get_or_create(&HopLabels { peer, result }).inc();
+    }
+
+    /// Counts one Broadcast by outcome and ack policy.
+    pub fn record_broadcast(&self, outcome: &'static str, ack: &'static str) {
+        self.broadcasts
+            .get_or_create(&BroadcastLabels { outcome, ack })
+            .inc();
+    }
+
+    /// A registry with these metrics and the state of `replica`.
+    pub fn registry(&self, replica: StateCollector) -> Registry {
+        let mut registry = Registry::default();
+        registry.register(
+            "replicast_broadcasts",
+            "Broadcasts answered, by outcome and ack policy",
+            self.broadcasts.clone(),
+        );
+        registry.register(
+            "replicast_peer_deliveries",
+            "Deliveries to each peer by result (delivered, duplicate, or the gRPC code)",
+            self.hops.clone(),
+        );
+        registry.register(
+            "replicast_peer_delivery_latency_seconds",
+            "Time from the start of a fan-out until each peer answered",
+            self.hop_latency.clone(),
+        );
+        registry.register(
+            "replicast_dns_lookups",
+            "Peer discovery lookups",
+            self.dns_lookups.clone(),
+        );
+        registry.register(
+            "replicast_dns_lookup_failures",
+            "Peer discovery lookups that failed (the last good peer set was kept)",
+            self.dns_failures.clone(),
+        );
+        registry.register(
+            "replicast_local_deliveries",
+            "Messages delivered to this replica's consumers",
+            self.local_deliveries.clone(),
+        );
+        registry.register(
+            "replicast_duplicates",
+            "Deliveries of an already delivered message id (not delivered again)",
+            self.duplicates.clone(),
+        );
+        registry.register(
+            "replicast_subscriber_overflows",
+            "Subscribers disconnected for falling behind",
+            self.subscriber_overflows.clone(),
+        );
+        registry.register_collector(Box::new(replica));
+        registry
+    }
+}
+
+/// Reads a replica's current state at scrape time.
+#[derive(Debug)]
+pub struct StateCollector {
+    pub local: Arc<LocalDelivery>,
+    pub fanout: Arc<FanOut>,
+    pub peers_rx: watch::Receiver<Arc<PeerSnapshot>>,
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = self.peers_rx.borrow().clone();
+        let ring = self.local.ring_occupancy();
+        let gauges: [(&str, &str, i64); 7] = [
+            (
+                "replicast_peers",
+                "Replicas in the current peer set",
+                snapshot.peers.len() as i64,
+            ),
+            (
+                "replicast_peers_stale",
+                "1 when the last peer lookup failed and the last good set is in use",
+                i64::from(snapshot.stale),
+            ),
+            (
+                "replicast_subscribers",
+                "Subscribe streams attached",
+                self.local.subscriber_count() as i64,
+            ),
+            (
+                "replicast_replay_ring_messages",
+                "Deliveries held in the replay ring",
+                ring.messages as i64,
+            ),
+            (
+                "replicast_replay_ring_bytes",
+                "Encoded bytes held in the replay ring",
+                ring.bytes as i64,
+            ),
+            (
+                "replicast_fanouts_in_flight",
+                "Broadcasts whose deliveries are not all finished",
+                self.fanout.in_flight() as i64,
+            ),
+            (
+                "replicast_last_sequence",
+                "The last sequence number this replica assigned",
+                i64::try_from(self.local.last_sequence()).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let dropped = ConstCounter::new(crate::telemetry::spans_dropped());
+        dropped.encode(encoder.encode_descriptor(
+            "replicast_spans_dropped",
+            "Trace spans dropped because the export queue was full (process-wide)",
+            None,
+            dropped.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` is cancelled.
+pub fn spawn_endpoint(listener: TcpListener, registry: Registry, stop: CancellationToken) -> JoinHandle<()> {
+    let registry = Arc::new(registry);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                match encode(&mut body, &registry) {
+                    Ok(()) => ([(http::header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
+                    Err(_) => {
+                        (http::StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics").into_response()
+                    }
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::warn!(%error, "metrics endpoint failed");
+        }
+    })
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

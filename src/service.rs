@@ -113,11 +113,11 @@ impl ReplicastService {
             .await
     }
 
-    fn deliver_one(&self, message: Option<Message>) -> Result<DeliverResponse, Error> {
+    fn deliver_one(&self, message: Option<Message>, traced: bool) -> Result<DeliverResponse, Error> {
         let message = message.ok_or(validate::ValidationError::MissingField { field: "message" })?;
         self.check_message(&message)?;
         let id = message.id.clone();
-        let delivered = deliver_locally(&self.local, &self.metrics, message);
+        let delivered = deliver_locally(&self.local, &self.metrics, message, traced);
         Ok(DeliverResponse {
             id,
             sequence: delivered.sequence,
@@ -139,7 +139,10 @@ impl Replicast for ReplicastService {
     }
 
     async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
-        Ok(Response::new(self.deliver_one(request.into_inner().message)?))
+        let traced = spans::current_is_sampled();
+        Ok(Response::new(
+            self.deliver_one(request.into_inner().message, traced)?,
+        ))
     }
 
     type DeliverStreamStream = RpcStream<DeliverAck>;
@@ -151,14 +154,16 @@ impl Replicast for ReplicastService {
         let service = self.clone();
         let acks = request.into_inner().map(move |frame| {
             let frame = frame?;
-            // Each message continues the trace of the hop that sent it.
-            let span = match (&frame.message, telemetry::tracing_enabled()) {
+            // Each message continues the trace of the hop that sent it. An
+            // empty context means that hop was not sampled: no spans here either.
+            let traced = telemetry::tracing_enabled() && !frame.trace_context.is_empty();
+            let span = match (&frame.message, traced) {
                 (Some(message), true) => {
                     spans::deliver(message, Some(propagation::extract_map(&frame.trace_context)))
                 }
                 _ => tracing::Span::none(),
             };
-            let result = span.in_scope(|| service.deliver_one(frame.message));
+            let result = span.in_scope(|| service.deliver_one(frame.message, traced));
             // A bad message fails its own ack; the stream carries on.
             Ok(match result {
                 Ok(response) => {

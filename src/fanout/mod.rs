@@ -104,6 +104,7 @@ impl FanOut {
         );
         let started = Instant::now();
         let hop_deadline = budget.hop_deadline(started);
+        let traced = spans::current_is_sampled();
         let remotes: Vec<SocketAddr> = peers.iter().copied().filter(|p| *p != self.self_addr).collect();
         let mut tally = Tally::new(policy, remotes.len() + 1);
         let mut receipts: BTreeMap<SocketAddr, Receipt> = BTreeMap::new();
@@ -122,7 +123,11 @@ impl FanOut {
                 },
             );
             let link = self.link(peer);
-            let hop_span = spans::hop(peer, &message, false);
+            let hop_span = if traced {
+                spans::hop(peer, &message, false)
+            } else {
+                tracing::Span::none()
+            };
             let trace_context = if hop_span.is_disabled() {
                 HashMap::new()
             } else {
@@ -146,7 +151,7 @@ impl FanOut {
         drop(done_tx);
 
         let id = message.id.clone();
-        let delivered = self.deliver_to_self(message);
+        let delivered = self.deliver_to_self(message, traced);
         let label = if delivered.duplicate {
             "duplicate"
         } else {
@@ -216,12 +221,15 @@ impl FanOut {
 
     /// The in-process hop, traced like a remote one (hop, then Deliver, then
     /// local delivery) so a trace shows every replica the same way.
-    fn deliver_to_self(&self, message: Message) -> crate::local::Delivered {
+    fn deliver_to_self(&self, message: Message, traced: bool) -> crate::local::Delivered {
+        if !traced {
+            return deliver_locally(&self.local, &self.metrics, message, false);
+        }
         let hop_span = spans::hop(self.self_addr, &message, true);
         let _hop = hop_span.enter();
         let deliver_span = spans::deliver(&message, None);
         let _deliver = deliver_span.enter();
-        let delivered = deliver_locally(&self.local, &self.metrics, message);
+        let delivered = deliver_locally(&self.local, &self.metrics, message, true);
         spans::record_status(&deliver_span, Side::Server, tonic::Code::Ok, "");
         spans::record_status(&hop_span, Side::Client, tonic::Code::Ok, "");
         hop_span.record("replicast.duplicate", delivered.duplicate);
@@ -268,8 +276,13 @@ pub fn deliver_locally(
     local: &LocalDelivery,
     metrics: &Metrics,
     message: Message,
+    traced: bool,
 ) -> crate::local::Delivered {
-    let span = spans::local_delivery(&message);
+    let span = if traced {
+        spans::local_delivery(&message)
+    } else {
+        tracing::Span::none()
+    };
     let _entered = span.enter();
     let delivered = local.deliver(message);
     if delivered.duplicate {

@@ -205,7 +205,11 @@ pub fn init(format: LogFormat, args: &TelemetryArgs, instance: &str) -> Result<T
     // are not operations.
     let otel_layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        // Per-span extras that cost time on every span and add nothing to
+        // a broadcast's trace: thread ids, source locations, busy/idle time.
         .with_threads(false)
+        .with_location(false)
+        .with_tracked_inactivity(false)
         .with_filter(
             Targets::new()
                 .with_target("replicast::rpc", tracing::Level::INFO)

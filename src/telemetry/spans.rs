@@ -12,12 +12,23 @@
 
 use std::net::SocketAddr;
 
-use opentelemetry::Context;
+use opentelemetry::{Context, trace::TraceContextExt};
 use tonic::Code;
 use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{error::code_name, proto::v1::Message};
+
+/// Whether the current span is recorded and sampled: a Broadcast the
+/// sampler dropped gets no hop, Deliver or local-delivery spans at all, and
+/// sends no trace context, so sampling saves the work and not just the export.
+pub fn current_is_sampled() -> bool {
+    if !super::tracing_enabled() {
+        return false;
+    }
+    let span = Span::current();
+    !span.is_disabled() && span.context().span().span_context().is_sampled()
+}
 
 /// The span of one hop from the origin to `peer` (`local`: to itself,
 /// in-process).

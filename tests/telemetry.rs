@@ -32,6 +32,8 @@ use tonic::{Request, Response, Status};
 #[derive(Debug, Clone)]
 struct Received {
     instance: String,
+    namespace: Option<String>,
+    service: Option<String>,
     span: Span,
 }
 
@@ -46,26 +48,33 @@ impl TraceService for Receiver {
         &self,
         request: Request<ExportTraceServiceRequest>,
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for resource_spans in request.into_inner().resource_spans {
-            let instance = resource_spans
-                .resource
-                .as_ref()
-                .and_then(|r| string_attr(&r.attributes, "service.instance.id"))
-                .unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                for span in scope.spans {
-                    spans.push(Received {
-                        instance: instance.clone(),
-                        span,
-                    });
-                }
-            }
-        }
+        self.spans.lock().unwrap().extend(received(request.into_inner()));
         Ok(Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
     }
+}
+
+/// Flattens an export request into spans with their resource's attributes.
+fn received(request: ExportTraceServiceRequest) -> Vec<Received> {
+    let mut spans = Vec::new();
+    for resource_spans in request.resource_spans {
+        let resource = resource_spans.resource.map(|r| r.attributes).unwrap_or_default();
+        let instance = string_attr(&resource, "service.instance.id").unwrap_or_default();
+        let namespace = string_attr(&resource, "k8s.namespace.name");
+        let service = string_attr(&resource, "service.name");
+        for scope in resource_spans.scope_spans {
+            for span in scope.spans {
+                spans.push(Received {
+                    instance: instance.clone(),
+                    namespace: namespace.clone(),
+                    service: service.clone(),
+                    span,
+                });
+            }
+        }
+    }
+    spans
 }
 
 fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a Value> {
@@ -120,8 +129,18 @@ async fn one_broadcast_is_one_trace_across_three_processes() {
     let replicas: Vec<SocketAddr> = (0..3).map(|i| hosts.addr(i)).collect();
     let dead = hosts.addr(3);
     let mut processes = Vec::new();
+    let log_path = std::env::temp_dir().join(format!("replicast-telemetry-{}.log", std::process::id()));
     for (i, addr) in replicas.iter().enumerate() {
         drop(hosts.listeners[i].take()); // the process binds it itself
+        // Replica 0 logs hop failures (debug) as JSON to a file we read back.
+        let (stderr, rust_log) = if i == 0 {
+            (
+                Stdio::from(std::fs::File::create(&log_path).unwrap()),
+                "info,replicast::fanout=debug",
+            )
+        } else {
+            (Stdio::null(), "info")
+        };
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
             .args(["serve", "--listen", &addr.to_string(), "--peers-dns", HEADLESS])
             .args([
@@ -139,9 +158,9 @@ async fn one_broadcast_is_one_trace_across_three_processes() {
             .env("OTEL_SERVICE_NAME", "replicast-test")
             .env("POD_NAMESPACE", "tests")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("RUST_LOG")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("start replicast");
@@ -213,6 +232,16 @@ async fn one_broadcast_is_one_trace_across_three_processes() {
     );
     assert_eq!(broadcast.span.kind, SpanKind::Server as i32);
     assert_eq!(broadcast.instance, replicas[0].to_string());
+    assert_eq!(
+        broadcast.service.as_deref(),
+        Some("replicast-test"),
+        "OTEL_SERVICE_NAME"
+    );
+    assert_eq!(
+        broadcast.namespace.as_deref(),
+        Some("tests"),
+        "k8s.namespace.name from POD_NAMESPACE"
+    );
     let a = &broadcast.span.attributes;
     assert_eq!(string_attr(a, "rpc.system").as_deref(), Some("grpc"));
     assert_eq!(
@@ -306,9 +335,33 @@ async fn one_broadcast_is_one_trace_across_three_processes() {
         );
     }
 
+    // The failed hop's log line carries the trace and the hop span's ids.
+    let dead_hop = hops
+        .iter()
+        .find(|h| {
+            h.span
+                .status
+                .as_ref()
+                .is_some_and(|s| s.code == StatusCode::Error as i32)
+        })
+        .unwrap();
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("hop failed"))
+        .unwrap_or_else(|| panic!("a 'hop failed' debug line in:\n{logs}"));
+    let json: serde_json::Value = serde_json::from_str(line).expect("JSON log lines");
+    assert_eq!(json["trace_id"], trace_id, "{line}");
+    assert_eq!(json["span_id"], to_hex(&dead_hop.span.span_id), "{line}");
+    let _ = std::fs::remove_file(&log_path);
+
     drop(processes);
     server.abort();
     dns.shutdown().await;
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn hex(s: &str) -> Vec<u8> {
@@ -316,4 +369,77 @@ fn hex(s: &str) -> Vec<u8> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
+}
+
+#[tokio::test]
+async fn http_protobuf_export_works_too() {
+    use prost::Message as _;
+    // An OTLP/HTTP receiver: POST /v1/traces with a protobuf body.
+    let receiver = Receiver::default();
+    let spans = receiver.spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let spans = spans.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("protobuf body");
+                spans.lock().unwrap().extend(received(request));
+                ExportTraceServiceResponse {
+                    partial_success: None,
+                }
+                .encode_to_vec()
+            }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut hosts = Hosts::reserve(1).await;
+    let addr = hosts.addr(0);
+    drop(hosts.listeners[0].take());
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
+        .args(["serve", "--listen", &addr.to_string()])
+        .args([
+            "--otlp-endpoint",
+            &format!("http://{otlp_addr}"),
+            "--otlp-protocol",
+            "http/protobuf",
+        ])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start replicast");
+    let process = Process(child);
+    wait_serving(addr).await;
+    client(addr)
+        .await
+        .broadcast(BroadcastRequest {
+            topic: "t".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let names: Vec<String> = receiver
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|s| s.span.name.clone())
+                .collect();
+            if names.iter().any(|n| n == "replicast.v1.Replicast/Broadcast") && names.len() >= 4 {
+                return names;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let names = waited.expect("Broadcast, hop, Deliver and local delivery spans over http/protobuf");
+    assert!(names.iter().any(|n| n == "local delivery"), "{names:?}");
+    drop(process);
+    server.abort();
 }

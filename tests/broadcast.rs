@@ -5,10 +5,10 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::{Cluster, HungPeer, eventually, next_delivery, subscribe};
+use common::{Cluster, HungPeer, next_delivery, subscribe};
 use replicast::{
     error::broadcast_response_from_status,
-    proto::v1::{AckPolicy, BroadcastRequest, BroadcastResponse, ListPeersRequest},
+    proto::v1::{AckPolicy, BroadcastRequest, BroadcastResponse},
 };
 use tonic::{Code, Request};
 
@@ -117,20 +117,7 @@ async fn replicas_join_and_leave_the_fan_out_with_dns() {
     cluster.start_replica(2, &[]);
     cluster.publish(&[0, 1, 2]).await;
     let mut client = cluster.client(0).await;
-    eventually("replica 0 to see 3 peers", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move {
-            client
-                .list_peers(ListPeersRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .peers
-                .len()
-                == 3
-        }
-    })
-    .await;
+    common::wait_peer_count(cluster.addr(0), 3).await;
     let r = client
         .broadcast(request("t", "b", AckPolicy::All, ""))
         .await
@@ -140,20 +127,7 @@ async fn replicas_join_and_leave_the_fan_out_with_dns() {
     assert!(peers_of(&r).contains(&cluster.addr(2).to_string()));
 
     cluster.publish(&[0, 2]).await;
-    eventually("replica 0 to drop replica 1", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move {
-            client
-                .list_peers(ListPeersRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .peers
-                .len()
-                == 2
-        }
-    })
-    .await;
+    common::wait_peer_count(cluster.addr(0), 2).await;
     let r = client
         .broadcast(request("t", "c", AckPolicy::All, ""))
         .await
@@ -243,20 +217,7 @@ async fn ack_policies_against_a_dead_peer() {
     drop(cluster.hosts.listeners[3].take());
     cluster.publish(&[0, 1, 2, 3]).await;
     let mut client = cluster.client(0).await;
-    eventually("replica 0 to see 4 peers", Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move {
-            client
-                .list_peers(ListPeersRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .peers
-                .len()
-                == 4
-        }
-    })
-    .await;
+    common::wait_peer_count(cluster.addr(0), 4).await;
     let dead = cluster.addr(3).to_string();
 
     let status = client

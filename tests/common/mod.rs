@@ -15,7 +15,7 @@ use replicast::{
     config::{Config, ServeArgs},
     devdns::DevDns,
     loopback::bind_same_port,
-    proto::v1::{Delivery, SubscribeRequest, replicast_client::ReplicastClient},
+    proto::v1::{Delivery, ListPeersRequest, SubscribeRequest, replicast_client::ReplicastClient},
     server::ServerHandle,
 };
 use tokio::net::TcpListener;
@@ -174,6 +174,19 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until the replica at `addr` lists `count` peers (itself included).
+pub async fn wait_peer_count(addr: SocketAddr, count: usize) {
+    eventually(
+        &format!("{addr} to list {count} peers"),
+        Duration::from_secs(10),
+        || async move {
+            let peers = client(addr).await.list_peers(ListPeersRequest {}).await;
+            peers.is_ok_and(|p| p.into_inner().peers.len() == count)
+        },
+    )
+    .await;
 }
 
 /// Waits until the replica's health check says SERVING.

@@ -27,6 +27,12 @@ pub enum Error {
     ResumeAhead { requested: u64, last: u64 },
 
     #[error(
+        "this replica restarted: it is incarnation {current:x}, not {requested:x}, and sequence numbers restart \
+         with the process; subscribe with after_sequence=0 (what was delivered during the restart is not here)"
+    )]
+    IncarnationChanged { requested: u64, current: u64 },
+
+    #[error(
         "subscriber fell more than {buffer} deliveries behind (--subscriber-buffer) and was disconnected; \
          resubscribe with after_sequence={resume_after} to continue without a gap"
     )]
@@ -76,6 +82,7 @@ impl From<Error> for Status {
             Error::Invalid(v) if v.is_size_limit() => Status::resource_exhausted(message),
             Error::Invalid(_) => Status::invalid_argument(message),
             Error::ReplayEvicted { .. } | Error::ResumeAhead { .. } => Status::out_of_range(message),
+            Error::IncarnationChanged { .. } => Status::failed_precondition(message),
             Error::SubscriberLagged { .. } | Error::SubscriberOverrun { .. } | Error::Overloaded { .. } => {
                 Status::resource_exhausted(message)
             }

@@ -198,9 +198,9 @@ impl Replicast for ReplicastService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
         validate::topic_filters(&req.topics).map_err(Error::from)?;
-        let subscription = self
-            .local
-            .subscribe(TopicFilter::new(&req.topics), req.after_sequence)?;
+        let subscription =
+            self.local
+                .subscribe(TopicFilter::new(&req.topics), req.after_sequence, req.incarnation)?;
         let overflows = self.metrics.subscriber_overflows.clone();
         let deliveries = futures::stream::unfold(Some(subscription), move |subscription| {
             let overflows = overflows.clone();
@@ -248,6 +248,8 @@ impl Replicast for ReplicastService {
             resolved_at: snapshot.resolved_at.map(Into::into),
             stale: snapshot.stale,
             last_error: snapshot.last_error.clone().unwrap_or_default(),
+            incarnation: self.local.incarnation(),
+            last_sequence: self.local.last_sequence(),
         }))
     }
 }

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Cluster, next_delivery, subscribe};
-use replicast::proto::v1::{AckPolicy, BroadcastRequest};
+use replicast::proto::v1::{AckPolicy, BroadcastRequest, ListPeersRequest, SubscribeRequest};
 use tonic::Code;
 
 async fn publish(cluster: &Cluster, topic: &str, payload: Vec<u8>) -> String {
@@ -96,6 +96,7 @@ async fn resuming_before_the_ring_is_out_of_range_naming_the_oldest() {
         .subscribe(replicast::proto::v1::SubscribeRequest {
             topics: vec![],
             after_sequence: 1,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner());
@@ -115,6 +116,7 @@ async fn resuming_before_the_ring_is_out_of_range_naming_the_oldest() {
         .subscribe(replicast::proto::v1::SubscribeRequest {
             topics: vec![],
             after_sequence: 99,
+            ..Default::default()
         })
         .await
         .expect_err("resume ahead of the replica");
@@ -164,5 +166,54 @@ async fn slow_subscriber_is_cut_off_with_a_resume_point_and_blocks_nobody() {
     // Resuming where it says continues with no gap.
     let mut resumed = subscribe(cluster.addr(1), &[], last).await;
     assert_eq!(next_delivery(&mut resumed).await.sequence, last + 1);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_replica_refuses_a_resume_from_its_previous_life() {
+    let mut cluster = Cluster::start(1, &[]).await;
+    let addr = cluster.addr(0);
+    let mut stream = subscribe(addr, &[], 0).await;
+    publish(&cluster, "t", b"before".to_vec()).await;
+    let first = next_delivery(&mut stream).await;
+    let old = first.incarnation;
+    assert_ne!(old, 0, "every delivery names its incarnation");
+    let view = cluster
+        .client(0)
+        .await
+        .list_peers(ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((view.incarnation, view.last_sequence), (old, 1));
+
+    // Restart on the same address: a new process lifetime, sequences from 1.
+    cluster.replicas[0].take().unwrap().shutdown().await.unwrap();
+    cluster.hosts.listeners[0] = Some(tokio::net::TcpListener::bind(addr).await.unwrap());
+    cluster.start_replica(0, &[]);
+    common::wait_serving(addr).await;
+    for i in 0..3 {
+        publish(&cluster, "t", format!("after{i}").into_bytes()).await;
+    }
+    let mut client = cluster.client(0).await;
+    let resume = |incarnation| SubscribeRequest {
+        topics: vec![],
+        after_sequence: 1,
+        incarnation,
+    };
+    let status = client.subscribe(resume(old)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("restarted"), "{}", status.message());
+
+    let current = client
+        .list_peers(ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .incarnation;
+    assert_ne!(current, old);
+    let mut resumed = client.subscribe(resume(current)).await.unwrap().into_inner();
+    let next = resumed.message().await.unwrap().unwrap();
+    assert_eq!((next.sequence, next.incarnation), (2, current));
     cluster.shutdown().await;
 }

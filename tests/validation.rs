@@ -187,6 +187,7 @@ async fn invalid_deliver_and_subscribe_requests() {
             .subscribe(SubscribeRequest {
                 topics: filters.iter().map(|s| s.to_string()).collect(),
                 after_sequence: 0,
+                ..Default::default()
             })
             .await
             .unwrap_err();

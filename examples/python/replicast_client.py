@@ -242,17 +242,21 @@ def _ack_policy(ack: AckArg) -> int:
 class Subscription:
     """An open Subscribe stream: iterate it for ``pb.Delivery`` messages.
 
-    Keep ``last_sequence`` (the sequence of the last delivery you processed):
-    resubscribing to the same replica with ``after_sequence=last_sequence``
-    replays what you missed, then continues live. Iteration raises
+    Keep ``last_sequence`` (the sequence of the last delivery you processed)
+    and ``incarnation`` (the replica process it came from): resubscribing to
+    the same replica with ``after_sequence=last_sequence,
+    incarnation=incarnation`` replays what you missed, then continues live; if
+    the replica restarted meanwhile, that fails with FAILED_PRECONDITION
+    instead of replaying the wrong messages. Iteration raises
     :class:`SubscriptionEnded` when the server ends the stream with an error;
     its ``resume_after`` says where to pick up.
     """
 
-    def __init__(self, call, after_sequence: int):
+    def __init__(self, call, after_sequence: int, incarnation: int = 0):
         self._call = call
         self._cancelled = False
         self.last_sequence = after_sequence
+        self.incarnation = incarnation
 
     def wait_attached(self) -> None:
         """Blocks until the replica has attached the subscriber (it answers with
@@ -272,6 +276,7 @@ class Subscription:
         try:
             for delivery in self._call:
                 self.last_sequence = delivery.sequence
+                self.incarnation = delivery.incarnation
                 yield delivery
         except grpc.RpcError as err:
             if self._cancelled and err.code() == grpc.StatusCode.CANCELLED:
@@ -335,14 +340,23 @@ class ReplicastClient:
             raise ReplicastError.from_rpc_error(err) from None
 
     def subscribe(
-        self, topics: Iterable[str] = (), after_sequence: int = 0, *, timeout: float | None = None
+        self,
+        topics: Iterable[str] = (),
+        after_sequence: int = 0,
+        incarnation: int = 0,
+        *,
+        timeout: float | None = None,
     ) -> Subscription:
         """Streams this replica's deliveries (all topics when ``topics`` is
         empty; "cache.*" matches a prefix). ``after_sequence`` > 0 first replays
-        every retained delivery after it; 0 means live only. No timeout by
-        default: a subscription is meant to stay open."""
-        request = pb.SubscribeRequest(topics=list(topics), after_sequence=after_sequence)
-        return Subscription(self._stub.Subscribe(request, timeout=timeout), after_sequence)
+        every retained delivery after it; 0 means live only. Pass the
+        ``incarnation`` of the delivery ``after_sequence`` came from, so a
+        restarted replica refuses the resume. No timeout by default: a
+        subscription is meant to stay open."""
+        request = pb.SubscribeRequest(
+            topics=list(topics), after_sequence=after_sequence, incarnation=incarnation
+        )
+        return Subscription(self._stub.Subscribe(request, timeout=timeout), after_sequence, incarnation)
 
     def list_peers(self, *, timeout: float = 5.0):
         """This replica's view of the cluster (pb.ListPeersResponse)."""

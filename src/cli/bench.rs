@@ -126,6 +126,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
             .subscribe(SubscribeRequest {
                 topics: vec![args.topic.clone()],
                 after_sequence: 0,
+                incarnation: 0,
             })
             .await?
             .into_inner();

@@ -157,6 +157,16 @@ pub struct SubscribeArgs {
     /// Replay what was delivered after this sequence number first.
     #[arg(long, default_value_t = 0)]
     pub after: u64,
+    /// The incarnation `--after` belongs to (hex, from a delivery's
+    /// "incarnation"); a restarted replica then refuses the resume instead of
+    /// replaying the wrong messages.
+    #[arg(long, value_parser = parse_hex_u64)]
+    pub incarnation: Option<u64>,
+}
+
+fn parse_hex_u64(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|e| format!("{s:?} is not a hex incarnation: {e}"))
 }
 
 /// Prints deliveries as JSON lines until the stream ends.
@@ -166,6 +176,7 @@ pub async fn subscribe(args: SubscribeArgs) -> Result<ExitCode, CliError> {
         .subscribe(SubscribeRequest {
             topics: args.topics,
             after_sequence: args.after,
+            incarnation: args.incarnation.unwrap_or(0),
         })
         .await
         .map_err(|s| format!("subscribe failed: {}: {}", code_name(s.code()), s.message()))?
@@ -196,6 +207,7 @@ pub fn delivery_json(delivery: &Delivery) -> serde_json::Value {
         .map(|t| humantime::format_rfc3339_micros(t).to_string());
     let mut json = serde_json::json!({
         "sequence": delivery.sequence,
+        "incarnation": format!("{:x}", delivery.incarnation),
         "id": message.id,
         "topic": message.topic,
         "origin": message.origin,

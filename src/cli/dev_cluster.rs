@@ -129,11 +129,12 @@ async fn print_deliveries(addr: SocketAddr) {
         eprintln!("[{addr}] cannot connect to print deliveries");
         return;
     };
-    let mut after = 0;
+    let (mut after, mut incarnation) = (0, 0);
     loop {
         let request = SubscribeRequest {
             topics: vec![],
             after_sequence: after,
+            incarnation,
         };
         let mut stream = match client.subscribe(request).await {
             Ok(response) => response.into_inner(),
@@ -143,7 +144,7 @@ async fn print_deliveries(addr: SocketAddr) {
             }
         };
         while let Ok(Some(delivery)) = stream.message().await {
-            after = delivery.sequence;
+            (after, incarnation) = (delivery.sequence, delivery.incarnation);
             println!("[{addr}] {}", delivery_json(&delivery));
         }
     }

@@ -73,6 +73,8 @@ pub struct Delivered {
 /// that live and resuming subscribers read.
 #[derive(Debug)]
 pub struct LocalDelivery {
+    /// Random per process: sequence numbers restart with it.
+    incarnation: u64,
     state: Mutex<State>,
     /// The newest sequence; subscribers wait on it when caught up.
     head_tx: watch::Sender<u64>,
@@ -90,6 +92,8 @@ impl LocalDelivery {
     pub fn new(limits: LocalLimits) -> Self {
         let (head_tx, _) = watch::channel(0);
         Self {
+            // Never 0, which means "unchecked" in SubscribeRequest.
+            incarnation: rand::random::<u64>().max(1),
             state: Mutex::new(State {
                 last_sequence: 0,
                 dedup: DedupWindow::new(limits.dedup_capacity, limits.dedup_ttl),
@@ -119,6 +123,7 @@ impl LocalDelivery {
             let delivery = Arc::new(Delivery {
                 sequence,
                 message: Some(message),
+                incarnation: self.incarnation,
             });
             state.ring.push(delivery, size);
             Delivered {
@@ -131,14 +136,28 @@ impl LocalDelivery {
         delivered
     }
 
+    /// This replica's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     /// Attaches a subscriber. With `after_sequence` > 0 it first gets what
     /// the ring holds after that sequence, then live deliveries, with no gap
-    /// and no duplicate (it is one cursor over one ring).
+    /// and no duplicate (it is one cursor over one ring). A resume that names
+    /// another `incarnation` (non-zero) is refused: its sequence numbers mean
+    /// nothing here.
     pub fn subscribe(
         self: &Arc<Self>,
         filter: TopicFilter,
         after_sequence: u64,
+        incarnation: u64,
     ) -> Result<Subscription, Error> {
+        if after_sequence > 0 && incarnation != 0 && incarnation != self.incarnation {
+            return Err(Error::IncarnationChanged {
+                requested: incarnation,
+                current: self.incarnation,
+            });
+        }
         let state = self.lock();
         let last = state.last_sequence;
         if after_sequence > last {
@@ -310,7 +329,7 @@ mod tests {
         for i in 1..=3 {
             l.deliver(msg(&format!("m{i}"), "t"));
         }
-        let mut sub = l.subscribe(TopicFilter::default(), 1).unwrap();
+        let mut sub = l.subscribe(TopicFilter::default(), 1, 0).unwrap();
         l.deliver(msg("m4", "t"));
         let mut got = Vec::new();
         for _ in 0..3 {
@@ -322,11 +341,31 @@ mod tests {
     #[tokio::test]
     async fn filter_skips_other_topics() {
         let l = local(10, 10);
-        let mut sub = l.subscribe(TopicFilter::new(&["cache.*".into()]), 0).unwrap();
+        let mut sub = l.subscribe(TopicFilter::new(&["cache.*".into()]), 0, 0).unwrap();
         l.deliver(msg("1", "orders"));
         l.deliver(msg("2", "cache.flush"));
         let d = sub.next().await.unwrap();
         assert_eq!(d.sequence, 2);
+    }
+
+    #[test]
+    fn resume_against_another_incarnation_is_refused() {
+        let l = local(10, 10);
+        l.deliver(msg("a", "t"));
+        let other = l.incarnation().wrapping_add(1).max(1);
+        assert!(matches!(
+            l.subscribe(TopicFilter::default(), 1, other),
+            Err(Error::IncarnationChanged { .. })
+        ));
+        assert!(l.subscribe(TopicFilter::default(), 1, l.incarnation()).is_ok());
+        assert!(
+            l.subscribe(TopicFilter::default(), 1, 0).is_ok(),
+            "0 is unchecked"
+        );
+        assert!(
+            l.subscribe(TopicFilter::default(), 0, other).is_ok(),
+            "live-only needs no incarnation"
+        );
     }
 
     #[test]
@@ -336,14 +375,14 @@ mod tests {
             l.deliver(msg(&format!("m{i}"), "t"));
         }
         assert!(matches!(
-            l.subscribe(TopicFilter::default(), 1),
+            l.subscribe(TopicFilter::default(), 1, 0),
             Err(Error::ReplayEvicted {
                 requested: 1,
                 oldest: 4
             })
         ));
         assert!(matches!(
-            l.subscribe(TopicFilter::default(), 9),
+            l.subscribe(TopicFilter::default(), 9, 0),
             Err(Error::ResumeAhead {
                 requested: 9,
                 last: 5
@@ -354,7 +393,7 @@ mod tests {
     #[tokio::test]
     async fn slow_subscriber_lags_without_blocking_delivery() {
         let l = local(100, 4);
-        let mut sub = l.subscribe(TopicFilter::default(), 0).unwrap();
+        let mut sub = l.subscribe(TopicFilter::default(), 0, 0).unwrap();
         for i in 1..=10 {
             l.deliver(msg(&format!("m{i}"), "t"));
         }
@@ -373,7 +412,7 @@ mod tests {
         for i in 1..=20 {
             l.deliver(msg(&format!("m{i}"), "t"));
         }
-        let mut sub = l.subscribe(TopicFilter::default(), 2).unwrap();
+        let mut sub = l.subscribe(TopicFilter::default(), 2, 0).unwrap();
         for seq in 3..=20 {
             assert_eq!(
                 sub.next().await.unwrap().sequence,
@@ -386,7 +425,7 @@ mod tests {
     #[tokio::test]
     async fn subscriber_behind_the_ring_is_told_what_is_gone() {
         let l = local(3, 100);
-        let mut sub = l.subscribe(TopicFilter::default(), 0).unwrap();
+        let mut sub = l.subscribe(TopicFilter::default(), 0, 0).unwrap();
         assert_eq!(l.subscriber_count(), 1);
         for i in 1..=5 {
             l.deliver(msg(&format!("m{i}"), "t"));
@@ -402,7 +441,7 @@ mod tests {
     #[tokio::test]
     async fn caught_up_subscriber_wakes_on_the_next_delivery() {
         let l = local(10, 10);
-        let mut sub = l.subscribe(TopicFilter::default(), 0).unwrap();
+        let mut sub = l.subscribe(TopicFilter::default(), 0, 0).unwrap();
         let waiter = tokio::spawn(async move { sub.next().await.map(|d| d.sequence) });
         tokio::task::yield_now().await;
         l.deliver(msg("late", "t"));

@@ -102,6 +102,7 @@ mod tests {
                 Arc::new(Delivery {
                     sequence,
                     message: None,
+                    incarnation: 1,
                 }),
                 10,
             );
@@ -138,6 +139,7 @@ mod tests {
                 Arc::new(Delivery {
                     sequence,
                     message: None,
+                    incarnation: 1,
                 }),
                 100,
             );
@@ -149,6 +151,7 @@ mod tests {
             Arc::new(Delivery {
                 sequence: 6,
                 message: None,
+                incarnation: 1,
             }),
             1000,
         );

@@ -212,6 +212,7 @@ pub async fn subscribe(addr: SocketAddr, topics: &[&str], after: u64) -> Streami
         .subscribe(SubscribeRequest {
             topics: topics.iter().map(|s| s.to_string()).collect(),
             after_sequence: after,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("subscribe to {addr}: {s:?}"))

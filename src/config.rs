@@ -22,7 +22,7 @@ const ENVELOPE_HEADROOM: usize = 512 * 1024;
 
 /// `replicast serve` flags.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "serve")]
+#[command(name = "serve", args_override_self = true)]
 pub struct ServeArgs {
     /// Address to serve gRPC on.
     #[arg(long, env = "REPLICAST_LISTEN", default_value = "127.0.0.1:7420")]

@@ -76,6 +76,8 @@ pub async fn serve(
         metrics.clone(),
     ));
     let stopping = CancellationToken::new();
+    // Cancelled when the drain period ends (see the shutdown phases below).
+    let closing_token = CancellationToken::new();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -106,6 +108,7 @@ pub async fn serve(
         max_message_bytes: config.max_message_bytes,
         metrics: metrics.clone(),
         stopping: stopping.clone(),
+        closing: closing_token.clone(),
     };
     let metrics_endpoint = metrics_listener.map(|listener| {
         info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
@@ -114,7 +117,8 @@ pub async fn serve(
             fanout: fanout.clone(),
             peers_rx: discovery.subscribe(),
         });
-        crate::metrics::spawn_endpoint(listener, registry, stopping.clone())
+        // Up until the very end: a drain is worth watching.
+        crate::metrics::spawn_endpoint(listener, registry, closing_token.clone())
     });
     let replicast = ReplicastServer::new(service)
         .max_decoding_message_size(config.max_frame_bytes())
@@ -129,13 +133,28 @@ pub async fn serve(
         );
     }
 
+    // Shutdown has two phases, so peers that still list this replica (their
+    // DNS has not caught up) lose nothing:
+    // 1. draining (`stopping`): health NOT_SERVING, Broadcast and Subscribe
+    //    refused, Subscribe streams ended with "reconnect elsewhere"; Deliver
+    //    and DeliverStream still accepted, fan-outs in flight finish;
+    // 2. after --drain-timeout (`closing`): DeliverStreams end, the server
+    //    stops accepting and waits (bounded) for what is left, then exits.
+    let closing = closing_token;
+    let drain_timeout = config.drain_timeout;
     let signal = {
         let stopping = stopping.clone();
+        let closing = closing.clone();
         async move {
             shutdown.await;
-            info!("shutting down: health NOT_SERVING, ending streams, draining");
-            // The membership task turns health NOT_SERVING on this.
+            info!(
+                ?drain_timeout,
+                "draining: health NOT_SERVING, refusing Broadcast and Subscribe, still accepting Deliver"
+            );
             stopping.cancel();
+            tokio::time::sleep(drain_timeout).await;
+            info!("drain period over: closing");
+            closing.cancel();
         }
     };
     let server = Server::builder()
@@ -158,38 +177,37 @@ pub async fn serve(
             signal,
         );
 
-    // One drain budget for the whole shutdown, counted from the signal:
-    // first for requests and streams to finish, then for background hops.
-    let drain_timeout = config.drain_timeout;
-    let mut drain_deadline = tokio::time::Instant::now() + drain_timeout;
+    // After `closing`, what is still open gets a bounded grace.
+    let close_grace = drain_timeout.min(CLOSE_GRACE);
     tokio::pin!(server);
     let result = tokio::select! {
         result = &mut server => result.map_err(ServeError::from),
-        () = stopping.cancelled() => {
-            drain_deadline = tokio::time::Instant::now() + drain_timeout;
+        () = closing.cancelled() => {
             tokio::select! {
                 result = &mut server => result.map_err(ServeError::from),
-                () = tokio::time::sleep_until(drain_deadline) => {
-                    warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
+                () = tokio::time::sleep(close_grace) => {
+                    warn!(?close_grace, "connections still open after the drain; closing them");
                     Ok(())
                 }
             }
         }
     };
     stopping.cancel();
-    fanout
-        .drain(drain_deadline.saturating_duration_since(tokio::time::Instant::now()))
-        .await;
+    closing.cancel();
+    fanout.drain(close_grace).await;
     if let Err(e) = membership.await {
         error!(error = %e, "membership task failed");
     }
     if let Some(endpoint) = metrics_endpoint {
-        let _ = endpoint.await; // ends with `stopping`; it logs its own errors
+        let _ = endpoint.await; // ends with `closing`; it logs its own errors
     }
     discovery.shutdown().await;
     info!("replica stopped");
     result
 }
+
+/// Longest wait for connections after the drain period.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// A replica running in a background task (dev-cluster, tests).
 #[derive(Debug)]
@@ -218,6 +236,11 @@ impl ServerHandle {
             stop,
             task,
         }
+    }
+
+    /// Starts the shutdown (as SIGTERM does) without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.stop.cancel();
     }
 
     /// Stops the replica gracefully and waits for it.

@@ -44,9 +44,12 @@ pub struct ReplicastService {
     pub(crate) peer_timeout: std::time::Duration,
     pub(crate) max_message_bytes: usize,
     pub(crate) metrics: Metrics,
-    /// Cancelled when the replica shuts down: long-lived streams end with
-    /// UNAVAILABLE so clients reconnect elsewhere and the server can drain.
+    /// Cancelled when the replica starts draining: Broadcast and Subscribe
+    /// are refused and Subscribe streams end with UNAVAILABLE, so clients
+    /// reconnect elsewhere.
     pub(crate) stopping: CancellationToken,
+    /// Cancelled when the drain period is over: DeliverStreams end too.
+    pub(crate) closing: CancellationToken,
 }
 
 impl ReplicastService {
@@ -187,7 +190,8 @@ impl Replicast for ReplicastService {
                 }
             })
         });
-        Ok(Response::new(until_stopped(acks, self.stopping.clone())))
+        // Peers keep delivering here while this replica drains.
+        Ok(Response::new(until_stopped(acks, self.closing.clone())))
     }
 
     type SubscribeStream = RpcStream<Delivery>;
@@ -196,6 +200,9 @@ impl Replicast for ReplicastService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        if self.stopping.is_cancelled() {
+            return Err(Error::ShuttingDown.into());
+        }
         let req = request.into_inner();
         validate::topic_filters(&req.topics).map_err(Error::from)?;
         let subscription =

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Cluster, HEADLESS, Hosts, ZONE, client, config, eventually, wait_serving};
+use common::{Cluster, HEADLESS, Hosts, ZONE, client, config, eventually, health_status, wait_serving};
 use replicast::{
     devdns::DevDns,
     proto::v1::{AckPolicy, BroadcastRequest, ListPeersRequest, ListPeersResponse},
@@ -16,6 +16,7 @@ use replicast::{
 };
 use tokio::net::TcpListener;
 use tonic::{Code, Request};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 fn broadcast(timeout: Duration) -> Request<BroadcastRequest> {
     let mut request = Request::new(BroadcastRequest {
@@ -34,22 +35,6 @@ async fn peers(addr: SocketAddr) -> ListPeersResponse {
         .await
         .unwrap()
         .into_inner()
-}
-
-async fn health_status(addr: SocketAddr, service: &str) -> i32 {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
 }
 
 /// A free address for a DNS server that is not running yet.
@@ -179,8 +164,8 @@ async fn broadcast_before_the_first_lookup_waits_for_it_within_its_deadline() {
     .await;
     assert_eq!(
         health_status(listen, "").await,
-        2,
-        "NOT_SERVING before the first lookup"
+        ServingStatus::NotServing,
+        "before the first lookup"
     );
     let status = client(listen)
         .await
@@ -211,8 +196,8 @@ async fn broadcast_before_the_first_lookup_waits_for_it_within_its_deadline() {
     assert_eq!((response.replicas, response.acked), (1, 1));
     assert_eq!(
         health_status(listen, "replicast.v1.Replicast").await,
-        1,
-        "SERVING after the first lookup"
+        ServingStatus::Serving,
+        "after the first lookup"
     );
     replica.shutdown().await.unwrap();
     dns.shutdown().await;
@@ -281,6 +266,10 @@ async fn an_empty_answer_is_an_empty_set_not_an_error() {
         (1, 1),
         "delivered to itself only"
     );
-    assert_eq!(health_status(first, "").await, 1, "still SERVING");
+    assert_eq!(
+        health_status(first, "").await,
+        ServingStatus::Serving,
+        "still SERVING"
+    );
     cluster.shutdown().await;
 }

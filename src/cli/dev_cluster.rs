@@ -12,7 +12,7 @@ use std::{
 use clap::Parser;
 use tokio::task::JoinSet;
 
-use super::{CliError, client::delivery_json, connect, shutdown_signal};
+use super::{CliError, client::delivery_json, connect, first_signal_of_two};
 use crate::{
     config::{Config, ServeArgs},
     devdns::DevDns,
@@ -74,6 +74,9 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
             &dns_server,
             "--refresh-interval",
             &refresh_interval,
+            // A developer's Ctrl-C should not wait out a production drain.
+            "--drain-timeout",
+            "1s",
         ])?;
         let config = Config::try_from(serve)?;
         replicas.push(ServerHandle::start_on(config, listener));
@@ -89,8 +92,8 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
         }
     }
 
-    shutdown_signal().await;
-    eprintln!("\nstopping the cluster…");
+    first_signal_of_two().await;
+    eprintln!("\nstopping the cluster (Ctrl-C again to exit at once)…");
     printers.abort_all();
     for replica in replicas {
         replica.shutdown().await?;

@@ -85,7 +85,7 @@ impl Cli {
                 let listener = TcpListener::bind(config.listen)
                     .await
                     .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-                let served = server::serve(config, listener, shutdown_signal()).await;
+                let served = server::serve(config, listener, first_signal_of_two()).await;
                 telemetry.shutdown().await;
                 served?;
                 Ok(ExitCode::SUCCESS)
@@ -113,6 +113,24 @@ impl Command {
             Command::Peers(args) => client::peers(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
+    }
+}
+
+/// Resolves on the first SIGTERM or Ctrl-C, which starts a graceful
+/// shutdown; a second one exits the process at once (exit code 130).
+pub fn first_signal_of_two() -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    // Lives until the process exits: it is what makes the second signal work.
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = first_tx.send(());
+        shutdown_signal().await;
+        eprintln!("replicast: second signal, exiting now");
+        std::process::exit(130);
+    });
+    async move {
+        // Err only if the task is gone, i.e. the runtime is shutting down.
+        let _ = first_rx.await;
     }
 }
 

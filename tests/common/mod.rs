@@ -86,9 +86,13 @@ fn base_args(listen: SocketAddr, dns: SocketAddr) -> Vec<String> {
     .collect()
 }
 
+/// A validated config from a `serve` command line. Test replicas drain for
+/// 100 ms (a flag later in `args` overrides it), so shutting a cluster down
+/// does not wait out the production default.
 pub fn config(args: Vec<String>) -> Config {
-    Config::try_from(ServeArgs::try_parse_from(args).expect("test flags parse"))
-        .expect("test config is valid")
+    let mut argv = vec!["serve".to_owned(), "--drain-timeout".to_owned(), "100ms".to_owned()];
+    argv.extend(args.into_iter().skip_while(|a| a == "serve"));
+    Config::try_from(ServeArgs::try_parse_from(argv).expect("test flags parse")).expect("test config is valid")
 }
 
 impl Cluster {
@@ -187,6 +191,27 @@ pub async fn wait_peer_count(addr: SocketAddr, count: usize) {
         },
     )
     .await;
+}
+
+/// The grpc.health.v1 status of `service` ("" = the server) at `addr`.
+pub async fn health_status(
+    addr: SocketAddr,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    tonic_health::pb::health_check_response::ServingStatus::try_from(status).unwrap()
 }
 
 /// Waits until the replica's health check says SERVING.

@@ -1,0 +1,95 @@
+//! Rolling-deploy shutdown: a draining replica turns NOT_SERVING, refuses
+//! new Broadcasts and Subscribes, tells subscribers to reconnect, keeps
+//! accepting deliveries from peers for the drain period, then exits cleanly.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, client, eventually, health_status, subscribe, wait_peer_count, wait_serving};
+use replicast::proto::v1::{AckPolicy, BroadcastRequest, DeliverRequest, Message, SubscribeRequest};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn broadcast(topic: &str) -> BroadcastRequest {
+    BroadcastRequest {
+        topic: topic.into(),
+        ack: AckPolicy::All as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_draining_replica_refuses_new_work_but_still_accepts_deliveries() {
+    let mut cluster = Cluster::start_with(2, 0, &[]).await;
+    cluster.publish(&[0, 1]).await;
+    cluster.start_replica(0, &["--drain-timeout", "5s"]);
+    cluster.start_replica(1, &[]);
+    let (draining, peer) = (cluster.addr(0), cluster.addr(1));
+    wait_serving(draining).await;
+    wait_serving(peer).await;
+    wait_peer_count(peer, 2).await;
+    let mut peer_client = client(peer).await;
+    peer_client
+        .broadcast(broadcast("warm-up"))
+        .await
+        .expect("both replicas up");
+    let mut subscription = subscribe(draining, &[], 0).await;
+
+    cluster.replicas[0].as_ref().unwrap().begin_shutdown();
+
+    eventually(
+        "health to say NOT_SERVING",
+        Duration::from_secs(5),
+        || async move { health_status(draining, "").await == ServingStatus::NotServing },
+    )
+    .await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), subscription.message())
+        .await
+        .unwrap();
+    let status = ended.expect_err("the subscription ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("reconnect"), "{}", status.message());
+
+    let mut draining_client = client(draining).await;
+    let status = draining_client.broadcast(broadcast("t")).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::Unavailable,
+        "a client retries elsewhere: {status:?}"
+    );
+    let status = draining_client
+        .subscribe(SubscribeRequest::default())
+        .await
+        .expect_err("no new subscribers while draining");
+    assert_eq!(status.code(), Code::Unavailable);
+
+    // Peers whose DNS still lists it keep delivering, over the open stream...
+    let response = peer_client
+        .broadcast(broadcast("during-drain"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((response.replicas, response.acked), (2, 2), "{response:?}");
+    // ...and with unary Deliver.
+    let message = Message {
+        id: "late".into(),
+        topic: "t".into(),
+        origin: peer.to_string(),
+        ..Default::default()
+    };
+    draining_client
+        .deliver(DeliverRequest {
+            message: Some(message),
+        })
+        .await
+        .expect("Deliver accepted while draining");
+
+    cluster.replicas[0]
+        .take()
+        .unwrap()
+        .shutdown()
+        .await
+        .expect("exits cleanly after the drain");
+    cluster.shutdown().await;
+}

@@ -51,11 +51,22 @@ impl DevDns {
     }
 
     /// Serves `zone` at exactly `addr` (a DNS server coming back on its old
-    /// address, in tests).
+    /// address, in tests). Retries for a second: the port may still be held
+    /// briefly by a closing socket.
     pub async fn start_at(addr: SocketAddr, zone: &str) -> io::Result<Self> {
-        let udp = UdpSocket::bind(addr).await?;
-        let tcp = TcpListener::bind(addr).await?;
-        Self::serve(udp, tcp, zone).await
+        let mut attempts = 0;
+        loop {
+            let bound =
+                async { Ok::<_, io::Error>((UdpSocket::bind(addr).await?, TcpListener::bind(addr).await?)) };
+            match bound.await {
+                Ok((udp, tcp)) => return Self::serve(udp, tcp, zone).await,
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts < 20 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn serve(udp: UdpSocket, tcp: TcpListener, zone: &str) -> io::Result<Self> {

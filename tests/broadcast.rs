@@ -366,3 +366,63 @@ async fn broadcasts_beyond_the_concurrency_limit_are_refused_not_queued() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_failing_peer_is_skipped_at_once_then_rejoins_when_it_comes_back() {
+    let mut cluster = Cluster::start_with(3, 2, &[]).await;
+    let dead = cluster.addr(2);
+    drop(cluster.hosts.listeners[2].take()); // in DNS, nothing listening
+    cluster.publish(&[0, 1, 2]).await;
+    common::wait_peer_count(cluster.addr(0), 3).await;
+    let mut client = cluster.client(0).await;
+    let dead_receipt = |status: tonic::Status| {
+        let receipts = broadcast_response_from_status(&status).expect("receipts in the details");
+        receipts
+            .outcomes
+            .into_iter()
+            .find(|o| o.peer == dead.to_string())
+            .unwrap()
+    };
+    for attempt in 1..=3 {
+        let status = client
+            .broadcast(request("t", "x", AckPolicy::All, ""))
+            .await
+            .unwrap_err();
+        let receipt = dead_receipt(status);
+        assert_eq!(
+            code(receipt.code),
+            Code::Unavailable,
+            "attempt {attempt}: {receipt:?}"
+        );
+        assert!(
+            !receipt.message.contains("skipped"),
+            "attempt {attempt} still tries: {receipt:?}"
+        );
+    }
+    let status = client
+        .broadcast(request("t", "x", AckPolicy::All, ""))
+        .await
+        .unwrap_err();
+    let receipt = dead_receipt(status);
+    assert_eq!(code(receipt.code), Code::Unavailable);
+    assert!(
+        receipt.message.contains("skipped") && receipt.message.contains("3 times in a row"),
+        "a peer that keeps failing is skipped, with the reason: {receipt:?}"
+    );
+
+    // It comes back on the same address: a probe finds it, no restart needed.
+    cluster.hosts.listeners[2] = Some(tokio::net::TcpListener::bind(dead).await.unwrap());
+    cluster.start_replica(2, &[]);
+    common::wait_serving(dead).await;
+    common::eventually("the peer to rejoin the fan-out", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            client
+                .broadcast(request("t", "y", AckPolicy::All, ""))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    cluster.shutdown().await;
+}

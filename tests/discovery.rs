@@ -3,10 +3,7 @@
 
 mod common;
 
-use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use common::{Cluster, HEADLESS, Hosts, ZONE, client, config, eventually, health_status, wait_serving};
 use replicast::{
@@ -38,10 +35,8 @@ async fn peers(addr: SocketAddr) -> ListPeersResponse {
 }
 
 /// A free address for a DNS server that is not running yet.
-async fn unused_dns_addr() -> SocketAddr {
-    let probe = DevDns::start(IpAddr::V4(Ipv4Addr::LOCALHOST), ZONE)
-        .await
-        .unwrap();
+async fn unused_dns_addr(hosts: &Hosts) -> SocketAddr {
+    let probe = DevDns::start(hosts.dns_ip(), ZONE).await.unwrap();
     let addr = probe.addr();
     probe.shutdown().await;
     addr
@@ -49,10 +44,8 @@ async fn unused_dns_addr() -> SocketAddr {
 
 #[tokio::test]
 async fn srv_records_give_each_replica_its_own_port() {
-    let dns = DevDns::start(IpAddr::V4(Ipv4Addr::LOCALHOST), ZONE)
-        .await
-        .unwrap();
     let hosts = Hosts::reserve(2).await;
+    let dns = DevDns::start(hosts.dns_ip(), ZONE).await.unwrap();
     // Distinct ports on distinct IPs: SRV carries the port, A records do not.
     let mut listeners = Vec::new();
     let mut targets = Vec::new();
@@ -138,8 +131,8 @@ async fn static_peers_need_no_dns() {
 
 #[tokio::test]
 async fn broadcast_before_the_first_lookup_waits_for_it_within_its_deadline() {
-    let dns_addr = unused_dns_addr().await;
     let mut hosts = Hosts::reserve(1).await;
+    let dns_addr = unused_dns_addr(&hosts).await;
     let listen = hosts.addr(0);
     let args = [
         "serve",

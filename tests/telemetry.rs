@@ -5,7 +5,7 @@ mod common;
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     process::Stdio,
     sync::{Arc, Mutex},
     time::Duration,
@@ -121,10 +121,8 @@ async fn one_broadcast_is_one_trace_across_three_processes() {
     );
 
     // Three replicas plus one address where nothing listens (a failed hop).
-    let dns = DevDns::start(IpAddr::V4(Ipv4Addr::LOCALHOST), ZONE)
-        .await
-        .unwrap();
     let mut hosts = Hosts::reserve(4).await;
+    let dns = DevDns::start(hosts.dns_ip(), ZONE).await.unwrap();
     dns.set_addresses(HEADLESS, &hosts.ips).await.unwrap();
     let replicas: Vec<SocketAddr> = (0..3).map(|i| hosts.addr(i)).collect();
     let dead = hosts.addr(3);

@@ -30,6 +30,7 @@ use tonic::{
 };
 use tracing::{Instrument, debug};
 
+use super::health::{Admission, PeerHealth};
 use crate::{
     error::{HopError, error_chain},
     proto::v1::{DeliverAck, DeliverFrame, DeliverResponse, Message, replicast_client::ReplicastClient},
@@ -67,6 +68,7 @@ struct Hop {
 #[derive(Debug)]
 pub struct PeerLink {
     hop_tx: mpsc::Sender<Hop>,
+    health: std::sync::Mutex<PeerHealth>,
     task: JoinHandle<()>,
 }
 
@@ -89,10 +91,18 @@ impl PeerLink {
         // it, and must not keep that Broadcast's span open.
         let span = tracing::info_span!(target: "replicast::link", parent: None, "peer_link", peer = %addr);
         let task = tokio::spawn(run(addr, client, hop_rx).instrument(span));
-        Self { hop_tx, task }
+        Self {
+            hop_tx,
+            health: std::sync::Mutex::new(PeerHealth::default()),
+            task,
+        }
     }
 
-    /// Delivers `message` to the peer, giving up at `deadline`.
+    /// Delivers `message` to the peer, giving up at `deadline`. A peer that
+    /// keeps failing is skipped at once (see [`PeerHealth`]); a transient
+    /// failure (UNAVAILABLE: refused, reset, stream broken) is retried with
+    /// backoff and jitter while the deadline allows. Retrying is safe: the
+    /// receiver deduplicates by id.
     pub async fn deliver(
         &self,
         message: Message,
@@ -100,6 +110,43 @@ impl PeerLink {
         deadline: Instant,
     ) -> HopResult {
         let started = Instant::now();
+        if let Admission::Skip(reason) = self.lock_health().admit(started) {
+            return Err(HopError::Unavailable(reason));
+        }
+        let mut retries = 0;
+        let result = loop {
+            let result = self
+                .send_once(message.clone(), trace_context.clone(), deadline, started)
+                .await;
+            let pause = retry_pause(retries);
+            match result {
+                Err(HopError::Unavailable(_))
+                    if retries < MAX_RETRIES && Instant::now() + pause < deadline =>
+                {
+                    retries += 1;
+                    tokio::time::sleep(pause).await;
+                }
+                result => break result,
+            }
+        };
+        let mut health = self.lock_health();
+        match &result {
+            // A rejection is an answer: the peer is alive.
+            Ok(_) | Err(HopError::Rejected { .. }) => health.succeeded(),
+            Err(HopError::ShuttingDown) => {}
+            Err(error) => health.failed(Instant::now(), &error.to_string(), rand::random()),
+        }
+        result
+    }
+
+    /// One attempt: queue the hop for the link task and wait for its ack.
+    async fn send_once(
+        &self,
+        message: Message,
+        trace_context: HashMap<String, String>,
+        deadline: Instant,
+        started: Instant,
+    ) -> HopResult {
         let (reply_tx, reply_rx) = oneshot::channel();
         // Never wait for queue space: a peer that cannot keep up fails its own
         // hops at once instead of piling up waiting tasks and their messages.
@@ -125,6 +172,24 @@ impl PeerLink {
             Err(_) => Err(HopError::Timeout(deadline.saturating_duration_since(started))),
         }
     }
+
+    /// Whether hops to this peer are being skipped.
+    pub fn is_failing(&self) -> bool {
+        self.lock_health().is_failing()
+    }
+
+    fn lock_health(&self) -> std::sync::MutexGuard<'_, PeerHealth> {
+        // Held for a few field updates, never across an await.
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Retries of one hop after a transient failure, deadline permitting.
+const MAX_RETRIES: u32 = 3;
+
+/// 10 ms, 20 ms, 40 ms…, each 0.5x to 1.5x at random.
+fn retry_pause(retry: u32) -> Duration {
+    Duration::from_millis(10 << retry.min(6)).mul_f64(0.5 + rand::random::<f64>())
 }
 
 impl Drop for PeerLink {

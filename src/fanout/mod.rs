@@ -9,6 +9,7 @@
 //! tracker, which shutdown drains.
 
 pub mod budget;
+mod health;
 mod link;
 pub mod policy;
 

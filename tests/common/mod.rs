@@ -59,6 +59,20 @@ impl Hosts {
     pub fn addr(&self, i: usize) -> SocketAddr {
         SocketAddr::new(self.ips[i], self.port)
     }
+
+    /// An address of this block for its DNS server (127.A.B.250): not
+    /// 127.0.0.1, whose ports are taken and freed all the time by the source
+    /// side of loopback connections, so a DNS server can come back on its old
+    /// port.
+    pub fn dns_ip(&self) -> IpAddr {
+        match self.ips[0] {
+            IpAddr::V4(v4) => {
+                let [a, b, c, _] = v4.octets();
+                IpAddr::V4(Ipv4Addr::new(a, b, c, 250))
+            }
+            other => other,
+        }
+    }
 }
 
 /// A running cluster.
@@ -90,9 +104,14 @@ fn base_args(listen: SocketAddr, dns: SocketAddr) -> Vec<String> {
 /// 100 ms (a flag later in `args` overrides it), so shutting a cluster down
 /// does not wait out the production default.
 pub fn config(args: Vec<String>) -> Config {
-    let mut argv = vec!["serve".to_owned(), "--drain-timeout".to_owned(), "100ms".to_owned()];
+    let mut argv = vec![
+        "serve".to_owned(),
+        "--drain-timeout".to_owned(),
+        "100ms".to_owned(),
+    ];
     argv.extend(args.into_iter().skip_while(|a| a == "serve"));
-    Config::try_from(ServeArgs::try_parse_from(argv).expect("test flags parse")).expect("test config is valid")
+    Config::try_from(ServeArgs::try_parse_from(argv).expect("test flags parse"))
+        .expect("test config is valid")
 }
 
 impl Cluster {
@@ -104,9 +123,7 @@ impl Cluster {
     /// `hosts` addresses reserved, the first `running` started and in DNS.
     pub async fn start_with(hosts: usize, running: usize, extra: &[&str]) -> Self {
         let hosts = Hosts::reserve(hosts).await;
-        let dns = DevDns::start(IpAddr::V4(Ipv4Addr::LOCALHOST), ZONE)
-            .await
-            .expect("dns starts");
+        let dns = DevDns::start(hosts.dns_ip(), ZONE).await.expect("dns starts");
         let mut cluster = Self {
             dns,
             replicas: (0..hosts.ips.len()).map(|_| None).collect(),

@@ -8,6 +8,7 @@ use std::{
 
 use crate::{
     discovery::{DiscoveryConfig, PeerSource},
+    fanout::RedeliveryConfig,
     local::LocalLimits,
 };
 
@@ -102,6 +103,16 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_MAX_CONCURRENT_BROADCASTS", default_value_t = 4096)]
     pub max_concurrent_broadcasts: usize,
 
+    /// How long a message a live peer missed (timeout, reset, restart) is
+    /// retried in the background after Broadcast returned. 0 turns it off.
+    #[arg(long, env = "REPLICAST_REDELIVERY_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub redelivery_window: Duration,
+
+    /// Bytes of missed messages kept for redelivery at most; beyond, new
+    /// misses are given up (and counted).
+    #[arg(long, env = "REPLICAST_REDELIVERY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub redelivery_max_bytes: usize,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. :9464 for all
     /// interfaces). Unset: no metrics endpoint.
     #[arg(long, env = "REPLICAST_METRICS_LISTEN", value_parser = parse_listen)]
@@ -136,6 +147,7 @@ pub struct Config {
     pub max_concurrent_broadcasts: usize,
     pub local: LocalLimits,
     pub metrics_listen: Option<SocketAddr>,
+    pub redelivery: RedeliveryConfig,
     pub drain_timeout: Duration,
 }
 
@@ -265,6 +277,10 @@ impl TryFrom<ServeArgs> for Config {
             },
             drain_timeout: args.drain_timeout,
             metrics_listen: args.metrics_listen,
+            redelivery: RedeliveryConfig {
+                window: args.redelivery_window,
+                max_bytes: args.redelivery_max_bytes,
+            },
         })
     }
 }

@@ -57,6 +57,13 @@ pub struct OverflowLabels {
     pub reason: &'static str,
 }
 
+/// Labels of a missed message's fate.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedeliveryLabels {
+    /// delivered, given_up (past the window, queue full, or rejected), peer_left.
+    pub result: &'static str,
+}
+
 /// The counters and histograms a replica updates as it works.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -68,6 +75,7 @@ pub struct Metrics {
     pub local_deliveries: Counter,
     pub duplicates: Counter,
     pub subscriber_overflows: Family<OverflowLabels, Counter>,
+    pub redeliveries: Family<RedeliveryLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -86,6 +94,7 @@ impl Default for Metrics {
             local_deliveries: Counter::default(),
             duplicates: Counter::default(),
             subscriber_overflows: Family::default(),
+            redeliveries: Family::default(),
         }
     }
 }
@@ -150,6 +159,11 @@ impl Metrics {
             "Subscribers disconnected for falling behind",
             self.subscriber_overflows.clone(),
         );
+        registry.register(
+            "replicast_redeliveries",
+            "Messages a live peer missed, by fate: delivered later, given up, or the peer left",
+            self.redeliveries.clone(),
+        );
         registry.register_collector(Box::new(replica));
         registry
     }
@@ -167,7 +181,12 @@ impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snapshot = self.peers_rx.borrow().clone();
         let ring = self.local.ring_occupancy();
-        let gauges: [(&str, &str, i64); 7] = [
+        let gauges: [(&str, &str, i64); 8] = [
+            (
+                "replicast_redelivery_backlog",
+                "Missed messages waiting to be redelivered",
+                self.fanout.redelivery_backlog() as i64,
+            ),
             (
                 "replicast_peers",
                 "Replicas in the current peer set",

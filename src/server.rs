@@ -73,6 +73,7 @@ pub async fn serve(
             max_frame_bytes: config.max_frame_bytes(),
         },
         config.max_concurrent_broadcasts,
+        config.redelivery,
         metrics.clone(),
     ));
     let stopping = CancellationToken::new();
@@ -81,6 +82,7 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
+    let redelivery = fanout.spawn_redelivery(closing_token.clone());
     let membership = spawn_membership(
         discovery.subscribe(),
         fanout.clone(),
@@ -195,6 +197,9 @@ pub async fn serve(
     stopping.cancel();
     closing.cancel();
     fanout.drain(close_grace).await;
+    if let Err(e) = redelivery.await {
+        error!(error = %e, "redelivery task failed");
+    }
     if let Err(e) = membership.await {
         error!(error = %e, "membership task failed");
     }

@@ -426,3 +426,66 @@ async fn a_failing_peer_is_skipped_at_once_then_rejoins_when_it_comes_back() {
     .await;
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn messages_a_peer_missed_are_redelivered_once_when_it_comes_back() {
+    let mut cluster = Cluster::start_with(3, 2, &[]).await;
+    let down = cluster.addr(2);
+    drop(cluster.hosts.listeners[2].take());
+    cluster.publish(&[0, 1, 2]).await;
+    common::wait_peer_count(cluster.addr(0), 3).await;
+    let mut client = cluster.client(0).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let response = client
+            .broadcast(request("t", &format!("m{i}"), AckPolicy::Quorum, ""))
+            .await
+            .expect("QUORUM is met without the replica that is down")
+            .into_inner();
+        ids.push(response.id);
+    }
+
+    cluster.hosts.listeners[2] = Some(tokio::net::TcpListener::bind(down).await.unwrap());
+    cluster.start_replica(2, &[]);
+    common::wait_serving(down).await;
+    let mut returned = common::client(down).await;
+    common::eventually(
+        "the missed messages to be redelivered",
+        Duration::from_secs(15),
+        || {
+            let mut returned = returned.clone();
+            async move {
+                let view = returned
+                    .list_peers(replicast::proto::v1::ListPeersRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                view.last_sequence >= 3
+            }
+        },
+    )
+    .await;
+    // Each arrived exactly once: delivering it again is a duplicate, and the
+    // three have three distinct sequence numbers.
+    let mut sequences = Vec::new();
+    for id in ids {
+        let message = replicast::proto::v1::Message {
+            id,
+            topic: "t".into(),
+            origin: cluster.addr(0).to_string(),
+            ..Default::default()
+        };
+        let response = returned
+            .deliver(replicast::proto::v1::DeliverRequest {
+                message: Some(message),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(response.duplicate, "redelivered before: {response:?}");
+        sequences.push(response.sequence);
+    }
+    sequences.sort();
+    assert_eq!(sequences, vec![1, 2, 3]);
+    cluster.shutdown().await;
+}

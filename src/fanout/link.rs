@@ -105,7 +105,7 @@ impl PeerLink {
     /// receiver deduplicates by id.
     pub async fn deliver(
         &self,
-        message: Message,
+        message: &Message,
         trace_context: HashMap<String, String>,
         deadline: Instant,
     ) -> HopResult {

@@ -12,6 +12,7 @@ pub mod budget;
 mod health;
 mod link;
 pub mod policy;
+mod redelivery;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,10 +22,12 @@ use std::{
 };
 
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug};
+use tracing::{Instrument, debug, info, warn};
 
 use self::policy::{Tally, Verdict};
+use self::redelivery::Redelivery;
 pub use self::{
     budget::Budget,
     link::{LinkConfig, PeerLink},
@@ -32,7 +35,7 @@ pub use self::{
 use crate::{
     error::{Error, HopError, code_name},
     local::LocalDelivery,
-    metrics::Metrics,
+    metrics::{Metrics, RedeliveryLabels},
     proto::v1::{AckPolicy, BroadcastResponse, DeliverResponse, Message, PeerOutcome},
     telemetry::{
         propagation,
@@ -53,7 +56,25 @@ pub struct FanOut {
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
     metrics: Metrics,
+    /// Messages live peers missed, retried in the background.
+    redelivery: Arc<Redelivery>,
+    /// Cap on each hop, also for redeliveries.
+    peer_timeout: Duration,
 }
+
+/// Redelivery settings, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RedeliveryConfig {
+    /// How long a missed message is retried (`--redelivery-window`; zero: off).
+    pub window: Duration,
+    /// Bytes of missed messages kept at most (`--redelivery-max-bytes`).
+    pub max_bytes: usize,
+}
+
+/// How often the background redelivery looks at its queues.
+const REDELIVERY_TICK: Duration = Duration::from_millis(250);
+/// Missed messages retried per peer per tick.
+const REDELIVERY_BATCH: usize = 256;
 
 /// What became of one replica's delivery.
 #[derive(Debug)]
@@ -70,10 +91,13 @@ impl FanOut {
         local: Arc<LocalDelivery>,
         link_config: LinkConfig,
         max_in_flight: usize,
+        redelivery: RedeliveryConfig,
         metrics: Metrics,
     ) -> Self {
         Self {
             metrics,
+            redelivery: Arc::new(Redelivery::new(redelivery.window, redelivery.max_bytes)),
+            peer_timeout: link_config.connect_timeout,
             self_addr,
             local,
             links: Mutex::new(HashMap::new()),
@@ -114,6 +138,8 @@ impl FanOut {
         // The channel has room for every receipt: a hop finishing after
         // Broadcast returned never waits on it.
         let (done_tx, mut done_rx) = mpsc::channel(remotes.len().max(1));
+        // One copy shared by every hop (each attempt sends its own).
+        let shared = Arc::new(message.clone());
         for &peer in &remotes {
             receipts.insert(
                 peer,
@@ -134,14 +160,25 @@ impl FanOut {
             } else {
                 propagation::inject_map(&hop_span)
             };
-            let message = message.clone();
+            let message = shared.clone();
             let done_tx = done_tx.clone();
             let permit = permit.clone();
             let metrics = self.metrics.clone();
+            let redelivery = self.redelivery.clone();
             let hop = async move {
-                let result = link.deliver(message, trace_context, hop_deadline).await;
+                let result = link.deliver(&message, trace_context, hop_deadline).await;
                 record_hop(&result);
                 metrics.record_hop(peer, hop_result_label(&result), started.elapsed());
+                if let Err(HopError::Timeout(_) | HopError::Unavailable(_)) = &result
+                    && redelivery.enabled()
+                    && !redelivery.push(peer, message, Instant::now())
+                {
+                    metrics
+                        .redeliveries
+                        .get_or_create(&RedeliveryLabels { result: "given_up" })
+                        .inc();
+                    warn!(%peer, "redelivery queue full (--redelivery-max-bytes): giving up a missed message");
+                }
                 // Fails only when Broadcast already returned; the receipt is
                 // then reported as pending, which is what happened.
                 let _ = done_tx.send((peer, result, started.elapsed())).await;
@@ -235,6 +272,87 @@ impl FanOut {
         spans::record_status(&hop_span, Side::Client, tonic::Code::Ok, "");
         hop_span.record("replicast.duplicate", delivered.duplicate);
         delivered
+    }
+
+    /// Retries what live peers missed, every [`REDELIVERY_TICK`], until
+    /// `closing`. Owned by the caller (the server), which awaits it.
+    pub fn spawn_redelivery(self: &Arc<Self>, closing: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let fanout = self.clone();
+        let task = async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(REDELIVERY_TICK) => {}
+                    () = closing.cancelled() => break,
+                }
+                for peer in fanout.redelivery.peers() {
+                    fanout.redeliver_to(peer).await;
+                }
+            }
+            let left = fanout.redelivery.len();
+            if left > 0 {
+                warn!(
+                    messages = left,
+                    "shutting down with missed messages not redelivered"
+                );
+            }
+        };
+        tokio::spawn(task.instrument(tracing::info_span!("redelivery")))
+    }
+
+    async fn redeliver_to(&self, peer: SocketAddr) {
+        let count = |result: &'static str, n: usize| {
+            self.metrics
+                .redeliveries
+                .get_or_create(&RedeliveryLabels { result })
+                .inc_by(n as u64);
+        };
+        let Some(link) = self.lock_links().get(&peer).cloned() else {
+            // The peer left the peer set: it is not a live peer any more.
+            let dropped = self.redelivery.forget(peer);
+            count("peer_left", dropped);
+            info!(%peer, messages = dropped, "peer left; dropping its missed messages");
+            return;
+        };
+        let now = Instant::now();
+        let (batch, expired) = self.redelivery.take(peer, now, REDELIVERY_BATCH);
+        if expired > 0 {
+            count("given_up", expired);
+            warn!(%peer, messages = expired, "gave up redelivering: past --redelivery-window");
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let deadline = now + self.peer_timeout;
+        let results = futures::future::join_all(
+            batch
+                .iter()
+                .map(|m| link.deliver(&m.message, HashMap::new(), deadline)),
+        )
+        .await;
+        let mut failed = Vec::new();
+        let (mut delivered, mut rejected) = (0, 0);
+        for (missed, result) in batch.into_iter().zip(results) {
+            match result {
+                Ok(_) => delivered += 1,
+                // The peer answered "no": retrying will not change that.
+                Err(HopError::Rejected { .. }) => rejected += 1,
+                Err(_) => failed.push(missed),
+            }
+        }
+        self.redelivery.put_back(peer, failed);
+        if delivered > 0 {
+            count("delivered", delivered);
+            info!(%peer, messages = delivered, "redelivered messages the peer had missed");
+        }
+        if rejected > 0 {
+            count("given_up", rejected);
+            warn!(%peer, messages = rejected, "peer rejected redelivered messages; giving up on them");
+        }
+    }
+
+    /// Missed messages waiting for redelivery.
+    pub fn redelivery_backlog(&self) -> usize {
+        self.redelivery.len()
     }
 
     /// Broadcasts whose hops are not all finished.

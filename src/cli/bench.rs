@@ -18,7 +18,10 @@ use std::{
 };
 
 use tokio::{sync::oneshot, task::JoinSet};
-use tonic::{Request, transport::Channel};
+use tonic::{
+    Request,
+    transport::{Channel, Endpoint},
+};
 
 use super::{CliError, client::AckArg, connect};
 use crate::proto::v1::{
@@ -169,9 +172,9 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     );
     println!();
     println!(
-        "| in flight | messages | msg/s | broadcast p50 | p99 | max | on every replica p50 | p99 | max | errors |"
+        "| in flight | messages | msg/s | broadcast p50 | p99 | max | on every replica p50 | p99 | max | errors | health p50 | health p99 |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let next_seq = Arc::new(AtomicU64::new(0));
     for &in_flight in &args.in_flight {
         let row = run_row(
@@ -242,10 +245,15 @@ async fn run_row(
             samples
         });
     }
+    // Meanwhile, a health check every 10 ms on a connection of its own, as
+    // a kubelet probe would: how fast does the replica answer under load?
+    let health = tokio::spawn(probe_health(args.to.clone(), measure_from, stop_at));
     let mut samples = Vec::new();
     while let Some(Ok(mut worker_samples)) = workers.join_next().await {
         samples.append(&mut worker_samples);
     }
+    let mut health = health.await.unwrap_or_default();
+    health.sort();
     let measured: Vec<Sample> = samples
         .into_iter()
         .filter(|s| s.finished >= measure_from && s.finished <= stop_at)
@@ -257,7 +265,7 @@ async fn run_row(
     delivered.sort();
     let rate = measured.len() as f64 / args.duration.as_secs_f64();
     format!(
-        "| {in_flight} | {} | {rate:.0} | {} | {} | {} | {} | {} | {} | {errors} |",
+        "| {in_flight} | {} | {rate:.0} | {} | {} | {} | {} | {} | {} | {errors} | {} | {} |",
         measured.len(),
         micros(percentile(&round_trips, 0.50)),
         micros(percentile(&round_trips, 0.99)),
@@ -265,7 +273,34 @@ async fn run_row(
         micros(percentile(&delivered, 0.50)),
         micros(percentile(&delivered, 0.99)),
         micros(delivered.last().copied()),
+        micros(percentile(&health, 0.50)),
+        micros(percentile(&health, 0.99)),
     )
+}
+
+/// grpc.health.v1 Check latencies between `from` and `until`.
+async fn probe_health(to: String, from: Instant, until: Instant) -> Vec<Duration> {
+    let Ok(channel) = Endpoint::from_shared(format!("http://{to}")) else {
+        return Vec::new();
+    };
+    let Ok(channel) = channel.connect().await else {
+        return Vec::new();
+    };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut latencies = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while Instant::now() < until {
+        tick.tick().await;
+        let sent = Instant::now();
+        let answered = health
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .is_ok();
+        if answered && sent >= from {
+            latencies.push(sent.elapsed());
+        }
+    }
+    latencies
 }
 
 /// Nearest-rank percentile of sorted samples.

@@ -293,7 +293,9 @@ async fn probe_health(to: String, from: Instant, until: Instant) -> Vec<Duration
         tick.tick().await;
         let sent = Instant::now();
         let answered = health
-            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .is_ok();
         if answered && sent >= from {

@@ -236,7 +236,7 @@ check "python replicast_client.py selftest" \
 # receipts, decoded from the status details, and exit 1.
 python_failed_broadcast() {
   local port=$SERVE_PORT dead=$DEAD_PORT out status=0
-  "$BIN" serve --listen "127.0.0.1:$port" --static-peers "127.0.0.1:$port,127.0.0.1:$dead" \
+  "$BIN" serve --drain-timeout 1s --listen "127.0.0.1:$port" --static-peers "127.0.0.1:$port,127.0.0.1:$dead" \
     >"$WORK/serve.log" 2>&1 &
   SERVE_PID=$!
   local deadline=$((SECONDS + READY_TIMEOUT))

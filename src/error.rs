@@ -139,6 +139,10 @@ pub enum HopError {
     Rejected { code: Code, message: String },
     #[error("this replica is shutting down")]
     ShuttingDown,
+    /// This replica's own queue to the peer is full: a local overload, not
+    /// the peer's failure.
+    #[error("{0}")]
+    Saturated(String),
 }
 
 impl HopError {
@@ -146,7 +150,7 @@ impl HopError {
     pub fn code(&self) -> Code {
         match self {
             Self::Timeout(_) => Code::DeadlineExceeded,
-            Self::Unavailable(_) | Self::ShuttingDown => Code::Unavailable,
+            Self::Unavailable(_) | Self::ShuttingDown | Self::Saturated(_) => Code::Unavailable,
             Self::Rejected { code, .. } => *code,
         }
     }

@@ -60,7 +60,8 @@ pub struct OverflowLabels {
 /// Labels of a missed message's fate.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RedeliveryLabels {
-    /// delivered, given_up (past the window, queue full, or rejected), peer_left.
+    /// delivered, already_delivered (only the ack had been lost), given_up
+    /// (past the window, rejected, or left at shutdown), queue_full.
     pub result: &'static str,
 }
 
@@ -161,7 +162,7 @@ impl Metrics {
         );
         registry.register(
             "replicast_redeliveries",
-            "Messages a live peer missed, by fate: delivered later, given up, or the peer left",
+            "Messages a live peer missed, by fate: delivered later, already delivered, given up, or not queued (full)",
             self.redeliveries.clone(),
         );
         registry.register_collector(Box::new(replica));

@@ -204,7 +204,10 @@ pub async fn serve(
         error!(error = %e, "membership task failed");
     }
     if let Some(endpoint) = metrics_endpoint {
-        let _ = endpoint.await; // ends with `closing`; it logs its own errors
+        // Ends with `closing`, but a scraper that stops reading could hold it.
+        if tokio::time::timeout(close_grace, endpoint).await.is_err() {
+            warn!("metrics endpoint still busy after the drain; leaving it");
+        }
     }
     discovery.shutdown().await;
     info!("replica stopped");

@@ -18,8 +18,8 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Whether a hop may go to the peer now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Send it (for a failing peer: as the probe).
-    Send,
+    /// Send it. `probe`: the peer is failing and this hop is the one probe.
+    Send { probe: bool },
     /// Do not: the peer is failing. The reason is for its receipt.
     Skip(String),
 }
@@ -38,13 +38,13 @@ impl PeerHealth {
     /// Decides for one hop starting at `now`.
     pub fn admit(&mut self, now: Instant) -> Admission {
         let Some(until) = self.skip_until else {
-            return Admission::Send;
+            return Admission::Send { probe: false };
         };
         if now >= until {
             // This hop is the probe; the next one waits another backoff (so a
             // probe that never reports back cannot block the peer forever).
             self.skip_until = Some(now + self.backoff);
-            return Admission::Send;
+            return Admission::Send { probe: true };
         }
         let wait = until.saturating_duration_since(now);
         Admission::Skip(format!(
@@ -60,11 +60,17 @@ impl PeerHealth {
         *self = Self::default();
     }
 
-    /// The peer did not answer, or the connection failed. `jitter` in
-    /// [0, 1) spreads the probes of many replicas.
-    pub fn failed(&mut self, now: Instant, error: &str, jitter: f64) {
+    /// The peer did not answer, or the connection failed. `probe`: the
+    /// hop was admitted as the probe. `jitter` in [0, 1) spreads the probes
+    /// of many replicas.
+    pub fn failed(&mut self, now: Instant, error: &str, probe: bool, jitter: f64) {
         self.failures_in_a_row += 1;
         self.last_error = error.to_owned();
+        if self.skip_until.is_some() && !probe {
+            // A hop admitted before the peer was marked failing: it says
+            // nothing new, and must not push the next probe further out.
+            return;
+        }
         if self.failures_in_a_row < FAILURES_TO_SKIP {
             return;
         }
@@ -87,33 +93,35 @@ impl PeerHealth {
 mod tests {
     use super::*;
 
+    const SEND: Admission = Admission::Send { probe: false };
+    const PROBE: Admission = Admission::Send { probe: true };
+
     #[test]
     fn skips_after_repeated_failures_then_probes_and_recovers() {
         let t0 = Instant::now();
         let mut h = PeerHealth::default();
         for _ in 0..FAILURES_TO_SKIP - 1 {
-            h.failed(t0, "refused", 0.5);
-            assert_eq!(
-                h.admit(t0),
-                Admission::Send,
-                "a few failures are not a pattern yet"
-            );
+            h.failed(t0, "refused", false, 0.5);
+            assert_eq!(h.admit(t0), SEND, "a few failures are not a pattern yet");
         }
-        h.failed(t0, "refused", 0.5);
+        h.failed(t0, "refused", false, 0.5);
         match h.admit(t0) {
             Admission::Skip(reason) => {
                 assert!(reason.contains("3 times in a row (last: refused)"), "{reason}")
             }
             other => panic!("expected a skip, got {other:?}"),
         }
+        // Hops already in flight when it was marked failing do not extend the skip.
+        h.failed(t0, "refused", false, 0.5);
+        h.failed(t0, "refused", false, 0.5);
         let later = t0 + FIRST_BACKOFF;
-        assert_eq!(h.admit(later), Admission::Send, "one probe after the backoff");
+        assert_eq!(h.admit(later), PROBE, "one probe after the first backoff");
         assert!(
             matches!(h.admit(later), Admission::Skip(_)),
             "only one probe at a time"
         );
         h.succeeded();
-        assert_eq!(h.admit(later), Admission::Send);
+        assert_eq!(h.admit(later), SEND);
         assert!(!h.is_failing());
     }
 
@@ -122,13 +130,13 @@ mod tests {
         let t0 = Instant::now();
         let mut h = PeerHealth::default();
         for _ in 0..FAILURES_TO_SKIP {
-            h.failed(t0, "timeout", 0.5);
+            h.failed(t0, "timeout", false, 0.5);
         }
         let mut last_backoff = Duration::ZERO;
         for _ in 0..10 {
             let now = h.skip_until.unwrap();
-            assert_eq!(h.admit(now), Admission::Send);
-            h.failed(now, "timeout", 0.5);
+            assert_eq!(h.admit(now), PROBE);
+            h.failed(now, "timeout", true, 0.5);
             assert!(h.backoff >= last_backoff && h.backoff <= MAX_BACKOFF);
             last_backoff = h.backoff;
         }

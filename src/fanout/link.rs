@@ -68,6 +68,8 @@ struct Hop {
 #[derive(Debug)]
 pub struct PeerLink {
     hop_tx: mpsc::Sender<Hop>,
+    /// A hop given this long and still unanswered counts against the peer.
+    peer_timeout: Duration,
     health: std::sync::Mutex<PeerHealth>,
     task: JoinHandle<()>,
 }
@@ -93,6 +95,7 @@ impl PeerLink {
         let task = tokio::spawn(run(addr, client, hop_rx).instrument(span));
         Self {
             hop_tx,
+            peer_timeout: config.connect_timeout,
             health: std::sync::Mutex::new(PeerHealth::default()),
             task,
         }
@@ -110,9 +113,13 @@ impl PeerLink {
         deadline: Instant,
     ) -> HopResult {
         let started = Instant::now();
-        if let Admission::Skip(reason) = self.lock_health().admit(started) {
-            return Err(HopError::Unavailable(reason));
-        }
+        let probe = match self.lock_health().admit(started) {
+            Admission::Skip(reason) => return Err(HopError::Unavailable(reason)),
+            Admission::Send { probe } => probe,
+        };
+        // A hop cut short by its caller's deadline says nothing about the peer.
+        let full_budget =
+            deadline.saturating_duration_since(started) + Duration::from_millis(1) >= self.peer_timeout;
         let mut retries = 0;
         let result = loop {
             let result = self
@@ -133,8 +140,10 @@ impl PeerLink {
         match &result {
             // A rejection is an answer: the peer is alive.
             Ok(_) | Err(HopError::Rejected { .. }) => health.succeeded(),
-            Err(HopError::ShuttingDown) => {}
-            Err(error) => health.failed(Instant::now(), &error.to_string(), rand::random()),
+            // Local conditions, not the peer's.
+            Err(HopError::ShuttingDown | HopError::Saturated(_)) => {}
+            Err(HopError::Timeout(_)) if !full_budget => {}
+            Err(error) => health.failed(Instant::now(), &error.to_string(), probe, rand::random()),
         }
         result
     }
@@ -157,7 +166,7 @@ impl PeerLink {
                 reply_tx,
             })
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => HopError::Unavailable(format!(
+                mpsc::error::TrySendError::Full(_) => HopError::Saturated(format!(
                     "the link to this peer is saturated: {HOP_QUEUE} hops are queued"
                 )),
                 mpsc::error::TrySendError::Closed(_) => {
@@ -324,7 +333,12 @@ impl Session {
                 ack = acks.message() => match ack {
                     Ok(Some(ack)) => self.complete(ack),
                     Ok(None) => return Some(HopError::Unavailable("the peer closed the delivery stream".into())),
-                    Err(status) => return Some(hop_error(&status, "the delivery stream broke")),
+                    // The stream as a whole failed: every pending hop may be
+                    // retried, whatever the code (it is not about one message).
+                    Err(status) => return Some(HopError::Unavailable(format!(
+                        "the delivery stream broke: {}",
+                        status.message()
+                    ))),
                 },
                 _ = sweep.tick() => self.pending.retain(|_, reply_tx| !reply_tx.is_closed()),
             }

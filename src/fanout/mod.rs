@@ -169,15 +169,15 @@ impl FanOut {
                 let result = link.deliver(&message, trace_context, hop_deadline).await;
                 record_hop(&result);
                 metrics.record_hop(peer, hop_result_label(&result), started.elapsed());
-                if let Err(HopError::Timeout(_) | HopError::Unavailable(_)) = &result
+                if let Err(HopError::Timeout(_) | HopError::Unavailable(_) | HopError::Saturated(_)) = &result
                     && redelivery.enabled()
                     && !redelivery.push(peer, message, Instant::now())
                 {
+                    // Counted; never a log line per message here.
                     metrics
                         .redeliveries
-                        .get_or_create(&RedeliveryLabels { result: "given_up" })
+                        .get_or_create(&RedeliveryLabels { result: "queue_full" })
                         .inc();
-                    warn!(%peer, "redelivery queue full (--redelivery-max-bytes): giving up a missed message");
                 }
                 // Fails only when Broadcast already returned; the receipt is
                 // then reported as pending, which is what happened.
@@ -284,19 +284,30 @@ impl FanOut {
                     () = tokio::time::sleep(REDELIVERY_TICK) => {}
                     () = closing.cancelled() => break,
                 }
-                for peer in fanout.redelivery.peers() {
-                    fanout.redeliver_to(peer).await;
+                // All peers at once: one unreachable peer must not slow the others.
+                let peers = fanout.redelivery.peers();
+                let round = futures::future::join_all(peers.into_iter().map(|p| fanout.redeliver_to(p)));
+                tokio::select! {
+                    _ = round => {}
+                    () = closing.cancelled() => break,
                 }
             }
             let left = fanout.redelivery.len();
             if left > 0 {
+                fanout
+                    .metrics
+                    .redeliveries
+                    .get_or_create(&RedeliveryLabels { result: "given_up" })
+                    .inc_by(left as u64);
                 warn!(
                     messages = left,
                     "shutting down with missed messages not redelivered"
                 );
             }
         };
-        tokio::spawn(task.instrument(tracing::info_span!("redelivery")))
+        // A root span with a target the trace exporter ignores: a task, not an operation.
+        let span = tracing::info_span!(target: "replicast::task", parent: None, "redelivery");
+        tokio::spawn(task.instrument(span))
     }
 
     async fn redeliver_to(&self, peer: SocketAddr) {
@@ -306,19 +317,24 @@ impl FanOut {
                 .get_or_create(&RedeliveryLabels { result })
                 .inc_by(n as u64);
         };
-        let Some(link) = self.lock_links().get(&peer).cloned() else {
-            // The peer left the peer set: it is not a live peer any more.
-            let dropped = self.redelivery.forget(peer);
-            count("peer_left", dropped);
-            info!(%peer, messages = dropped, "peer left; dropping its missed messages");
-            return;
-        };
         let now = Instant::now();
-        let (batch, expired) = self.redelivery.take(peer, now, REDELIVERY_BATCH);
+        let link = self.lock_links().get(&peer).cloned();
+        // Not in the peer set now (a restarting pod leaves DNS while it is not
+        // ready): keep its messages for the window, in case it comes back.
+        let limit = if link.is_some() {
+            REDELIVERY_BATCH
+        } else {
+            usize::MAX
+        };
+        let (batch, expired) = self.redelivery.take(peer, now, limit);
         if expired > 0 {
             count("given_up", expired);
             warn!(%peer, messages = expired, "gave up redelivering: past --redelivery-window");
         }
+        let Some(link) = link else {
+            self.redelivery.put_back(peer, batch);
+            return;
+        };
         if batch.is_empty() {
             return;
         }
@@ -330,9 +346,11 @@ impl FanOut {
         )
         .await;
         let mut failed = Vec::new();
-        let (mut delivered, mut rejected) = (0, 0);
+        let (mut delivered, mut already, mut rejected) = (0, 0, 0);
         for (missed, result) in batch.into_iter().zip(results) {
             match result {
+                // Only its ack had been lost (or a client retry got it there).
+                Ok(response) if response.duplicate => already += 1,
                 Ok(_) => delivered += 1,
                 // The peer answered "no": retrying will not change that.
                 Err(HopError::Rejected { .. }) => rejected += 1,
@@ -343,6 +361,9 @@ impl FanOut {
         if delivered > 0 {
             count("delivered", delivered);
             info!(%peer, messages = delivered, "redelivered messages the peer had missed");
+        }
+        if already > 0 {
+            count("already_delivered", already);
         }
         if rejected > 0 {
             count("given_up", rejected);

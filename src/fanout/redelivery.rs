@@ -115,16 +115,6 @@ impl Redelivery {
         self.lock().queues.keys().copied().collect()
     }
 
-    /// Drops `peer`'s queue (it left the peer set); returns how many.
-    pub fn forget(&self, peer: SocketAddr) -> usize {
-        let mut state = self.lock();
-        let Some(queue) = state.queues.remove(&peer) else {
-            return 0;
-        };
-        state.bytes -= queue.iter().map(|m| m.size).sum::<usize>();
-        queue.len()
-    }
-
     /// Messages waiting, all peers together.
     pub fn len(&self) -> usize {
         self.lock().queues.values().map(VecDeque::len).sum()
@@ -163,8 +153,6 @@ mod tests {
         );
         r.put_back(peer, batch);
         assert_eq!(r.len(), 1);
-        assert_eq!(r.forget(peer), 1);
-        assert_eq!(r.len(), 0);
     }
 
     #[test]

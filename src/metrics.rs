@@ -44,6 +44,29 @@ pub struct HopLabels {
     pub result: &'static str,
 }
 
+/// Every `result` a hop can have.
+const HOP_RESULTS: [&str; 19] = [
+    "delivered",
+    "duplicate",
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
 /// Labels naming a peer.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
@@ -108,6 +131,18 @@ impl Metrics {
             .get_or_create(&PeerLabels { peer: peer.clone() })
             .observe(latency.as_secs_f64());
         self.hops.get_or_create(&HopLabels { peer, result }).inc();
+    }
+
+    /// Drops the per-peer series of a peer that left the peer set.
+    pub fn forget_peer(&self, peer: SocketAddr) {
+        let peer = peer.to_string();
+        self.hop_latency.remove(&PeerLabels { peer: peer.clone() });
+        for result in HOP_RESULTS {
+            self.hops.remove(&HopLabels {
+                peer: peer.clone(),
+                result,
+            });
+        }
     }
 
     /// Counts one Broadcast by outcome and ack policy.

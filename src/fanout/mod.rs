@@ -383,7 +383,19 @@ impl FanOut {
 
     /// Drops the links to peers that left the peer set.
     pub fn retain_links(&self, peers: &[SocketAddr]) {
-        self.lock_links().retain(|addr, _| peers.contains(addr));
+        let mut gone = Vec::new();
+        self.lock_links().retain(|addr, _| {
+            let keep = peers.contains(addr);
+            if !keep {
+                gone.push(*addr);
+            }
+            keep
+        });
+        // Per-peer series of departed pods would otherwise pile up with
+        // every rollout.
+        for peer in gone {
+            self.metrics.forget_peer(peer);
+        }
     }
 
     /// Waits (at most `grace`) for hops still in flight, then drops the links.

@@ -118,13 +118,18 @@ impl Command {
 
 /// Resolves on the first SIGTERM or Ctrl-C, which starts a graceful
 /// shutdown; a second one exits the process at once (exit code 130).
+///
+/// The handlers are installed before this returns, not when a task first
+/// runs: a SIGTERM that arrives right after start-up must not kill the
+/// process with the default action.
 pub fn first_signal_of_two() -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut signals = StopSignals::install();
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     // Lives until the process exits: it is what makes the second signal work.
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signals.next().await;
         let _ = first_tx.send(());
-        shutdown_signal().await;
+        signals.next().await;
         eprintln!("replicast: second signal, exiting now");
         std::process::exit(130);
     });
@@ -134,27 +139,50 @@ pub fn first_signal_of_two() -> impl std::future::Future<Output = ()> + Send + '
     }
 }
 
-/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
+/// SIGTERM (Kubernetes stopping the pod) and SIGINT (Ctrl-C), installed
+/// when created.
+struct StopSignals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                interrupt: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// The next stop signal.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = recv(&mut self.term) => {}
+                () = recv(&mut self.interrupt) => {}
+            }
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
 }
 

@@ -16,7 +16,7 @@ use crate::{
     discovery::{self, PeerSnapshot},
     error::{Error, code_name},
     fanout::{Budget, FanOut, budget, deliver_locally},
-    local::{LocalDelivery, TopicFilter},
+    local::{LocalDelivery, Start, TopicFilter},
     metrics::{Metrics, OverflowLabels},
     proto::v1::{
         AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest,
@@ -205,9 +205,14 @@ impl Replicast for ReplicastService {
         }
         let req = request.into_inner();
         validate::topic_filters(&req.topics).map_err(Error::from)?;
+        let start = if req.after_sequence == 0 && req.from_oldest {
+            Start::Oldest
+        } else {
+            Start::After(req.after_sequence)
+        };
         let subscription =
             self.local
-                .subscribe(TopicFilter::new(&req.topics), req.after_sequence, req.incarnation)?;
+                .subscribe_from(TopicFilter::new(&req.topics), start, req.incarnation)?;
         let overflows = self.metrics.subscriber_overflows.clone();
         let deliveries = futures::stream::unfold(Some(subscription), move |subscription| {
             let overflows = overflows.clone();

@@ -200,6 +200,7 @@ async fn a_restarted_replica_refuses_a_resume_from_its_previous_life() {
         topics: vec![],
         after_sequence: 1,
         incarnation,
+        ..Default::default()
     };
     let status = client.subscribe(resume(old)).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -215,5 +216,17 @@ async fn a_restarted_replica_refuses_a_resume_from_its_previous_life() {
     let mut resumed = client.subscribe(resume(current)).await.unwrap().into_inner();
     let next = resumed.message().await.unwrap().unwrap();
     assert_eq!((next.sequence, next.incarnation), (2, current));
+
+    // A new subscriber can read everything the new incarnation still holds.
+    let from_oldest = SubscribeRequest {
+        from_oldest: true,
+        ..Default::default()
+    };
+    let mut everything = client.subscribe(from_oldest).await.unwrap().into_inner();
+    let first = everything.message().await.unwrap().unwrap();
+    assert_eq!(
+        (first.sequence, &first.message.unwrap().payload[..]),
+        (1, &b"after0"[..])
+    );
     cluster.shutdown().await;
 }

@@ -130,6 +130,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
                 topics: vec![args.topic.clone()],
                 after_sequence: 0,
                 incarnation: 0,
+                from_oldest: false,
             })
             .await?
             .into_inner();

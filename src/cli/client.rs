@@ -177,6 +177,7 @@ pub async fn subscribe(args: SubscribeArgs) -> Result<ExitCode, CliError> {
             topics: args.topics,
             after_sequence: args.after,
             incarnation: args.incarnation.unwrap_or(0),
+            from_oldest: false,
         })
         .await
         .map_err(|s| format!("subscribe failed: {}: {}", code_name(s.code()), s.message()))?

@@ -138,6 +138,7 @@ async fn print_deliveries(addr: SocketAddr) {
             topics: vec![],
             after_sequence: after,
             incarnation,
+            from_oldest: false,
         };
         let mut stream = match client.subscribe(request).await {
             Ok(response) => response.into_inner(),

@@ -152,35 +152,50 @@ impl LocalDelivery {
         after_sequence: u64,
         incarnation: u64,
     ) -> Result<Subscription, Error> {
-        if after_sequence > 0 && incarnation != 0 && incarnation != self.incarnation {
-            return Err(Error::IncarnationChanged {
-                requested: incarnation,
-                current: self.incarnation,
-            });
-        }
+        self.subscribe_from(filter, Start::After(after_sequence), incarnation)
+    }
+
+    /// Attaches a subscriber at `start` (see [`Start`]).
+    pub fn subscribe_from(
+        self: &Arc<Self>,
+        filter: TopicFilter,
+        start: Start,
+        incarnation: u64,
+    ) -> Result<Subscription, Error> {
         let state = self.lock();
         let last = state.last_sequence;
-        if after_sequence > last {
-            return Err(Error::ResumeAhead {
-                requested: after_sequence,
-                last,
-            });
-        }
-        if after_sequence > 0 {
-            state
-                .ring
-                .after(after_sequence, last, 1)
-                .map_err(|evicted| Error::ReplayEvicted {
-                    requested: after_sequence,
-                    oldest: evicted.oldest,
-                })?;
-        }
+        let cursor = match start {
+            Start::After(0) => last,
+            Start::After(after) => {
+                if incarnation != 0 && incarnation != self.incarnation {
+                    return Err(Error::IncarnationChanged {
+                        requested: incarnation,
+                        current: self.incarnation,
+                    });
+                }
+                if after > last {
+                    return Err(Error::ResumeAhead {
+                        requested: after,
+                        last,
+                    });
+                }
+                state
+                    .ring
+                    .after(after, last, 1)
+                    .map_err(|evicted| Error::ReplayEvicted {
+                        requested: after,
+                        oldest: evicted.oldest,
+                    })?;
+                after
+            }
+            Start::Oldest => state.ring.oldest().map_or(last, |oldest| oldest - 1),
+        };
         Ok(Subscription {
             local: self.clone(),
             head_rx: self.head_tx.subscribe(),
             batch: VecDeque::new(),
             filter,
-            cursor: if after_sequence == 0 { last } else { after_sequence },
+            cursor,
             attached_at: last,
         })
     }
@@ -231,6 +246,15 @@ impl LocalDelivery {
         // in a way that matters more than stopping delivery would.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// After this sequence number; 0 means live only.
+    After(u64),
+    /// At the oldest delivery still in the ring.
+    Oldest,
 }
 
 /// One subscriber: a cursor into the ring, and a topic filter.
@@ -366,6 +390,26 @@ mod tests {
             l.subscribe(TopicFilter::default(), 0, other).is_ok(),
             "live-only needs no incarnation"
         );
+    }
+
+    #[tokio::test]
+    async fn from_oldest_starts_at_the_ring() {
+        let l = local(3, 10);
+        for i in 1..=5 {
+            l.deliver(msg(&format!("m{i}"), "t"));
+        }
+        let mut sub = l
+            .subscribe_from(TopicFilter::default(), Start::Oldest, 0)
+            .unwrap();
+        for seq in 3..=5 {
+            assert_eq!(sub.next().await.unwrap().sequence, seq);
+        }
+        let empty = local(3, 10);
+        let mut sub = empty
+            .subscribe_from(TopicFilter::default(), Start::Oldest, 0)
+            .unwrap();
+        empty.deliver(msg("first", "t"));
+        assert_eq!(sub.next().await.unwrap().sequence, 1, "an empty ring starts live");
     }
 
     #[test]

@@ -85,6 +85,11 @@ impl ReplayRing {
         self.entries.is_empty()
     }
 
+    /// The oldest retained sequence, if any.
+    pub fn oldest(&self) -> Option<u64> {
+        self.entries.front().map(|(d, _)| d.sequence)
+    }
+
     /// Encoded size of the retained deliveries.
     pub fn bytes(&self) -> usize {
         self.bytes

@@ -5,7 +5,9 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use common::{Cluster, HEADLESS, Hosts, ZONE, client, config, eventually, health_status, wait_serving};
+use common::{
+    Cluster, HEADLESS, Hosts, ZONE, base_args, client, config, eventually, health_status, wait_serving,
+};
 use replicast::{
     devdns::DevDns,
     proto::v1::{AckPolicy, BroadcastRequest, ListPeersRequest, ListPeersResponse},
@@ -32,6 +34,21 @@ async fn peers(addr: SocketAddr) -> ListPeersResponse {
         .await
         .unwrap()
         .into_inner()
+}
+
+/// A Broadcast through `addr` reaches and is acknowledged by `replicas` replicas.
+async fn assert_broadcast_acked(addr: SocketAddr, replicas: u32) {
+    let response = client(addr)
+        .await
+        .broadcast(broadcast(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (response.replicas, response.acked),
+        (replicas, replicas),
+        "{response:?}"
+    );
 }
 
 /// A free address for a DNS server that is not running yet.
@@ -85,13 +102,7 @@ async fn srv_records_give_each_replica_its_own_port() {
         view.peers.iter().map(|p| p.address.clone()).collect::<Vec<_>>(),
         expected
     );
-    let response = client(first)
-        .await
-        .broadcast(broadcast(Duration::from_secs(5)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((response.replicas, response.acked), (2, 2));
+    assert_broadcast_acked(first, 2).await;
     for replica in replicas {
         replica.shutdown().await.unwrap();
     }
@@ -117,13 +128,7 @@ async fn static_peers_need_no_dns() {
     let view = peers(hosts.addr(0)).await;
     assert_eq!(view.source, "static");
     assert!(view.resolved_at.is_some() && !view.stale);
-    let response = client(hosts.addr(0))
-        .await
-        .broadcast(broadcast(Duration::from_secs(5)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((response.replicas, response.acked), (2, 2));
+    assert_broadcast_acked(hosts.addr(0), 2).await;
     for replica in replicas {
         replica.shutdown().await.unwrap();
     }
@@ -134,17 +139,8 @@ async fn broadcast_before_the_first_lookup_waits_for_it_within_its_deadline() {
     let mut hosts = Hosts::reserve(1).await;
     let dns_addr = unused_dns_addr(&hosts).await;
     let listen = hosts.addr(0);
-    let args = [
-        "serve",
-        "--listen",
-        &listen.to_string(),
-        "--peers-dns",
-        HEADLESS,
-        "--dns-server",
-        &dns_addr.to_string(),
-    ];
     let replica = ServerHandle::start_on(
-        config(args.iter().map(|s| s.to_string()).collect()),
+        config(base_args(listen, dns_addr)),
         hosts.listeners[0].take().unwrap(),
     );
 

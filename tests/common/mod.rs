@@ -83,7 +83,7 @@ pub struct Cluster {
 }
 
 /// Flags every test replica gets; fast refresh so membership tests are quick.
-fn base_args(listen: SocketAddr, dns: SocketAddr) -> Vec<String> {
+pub fn base_args(listen: SocketAddr, dns: SocketAddr) -> Vec<String> {
     [
         "serve",
         "--listen",

@@ -101,7 +101,7 @@ pub async fn serve(
 
     let service = ReplicastService {
         self_addr: config.advertise,
-        local,
+        local: local.clone(),
         fanout: fanout.clone(),
         peers_rx: discovery.subscribe(),
         source_name: discovery.source_name().to_owned(),
@@ -137,26 +137,31 @@ pub async fn serve(
 
     // Shutdown has two phases, so peers that still list this replica (their
     // DNS has not caught up) lose nothing:
-    // 1. draining (`stopping`): health NOT_SERVING, Broadcast and Subscribe
-    //    refused, Subscribe streams ended with "reconnect elsewhere"; Deliver
-    //    and DeliverStream still accepted, fan-outs in flight finish;
-    // 2. after --drain-timeout (`closing`): DeliverStreams end, the server
-    //    stops accepting and waits (bounded) for what is left, then exits.
+    // 1. draining (`stopping`): health NOT_SERVING, Broadcast refused;
+    //    Deliver, DeliverStream and Subscribe still served, fan-outs in
+    //    flight finish;
+    // 2. after --drain-timeout (`closing`): DeliverStreams end, local
+    //    delivery closes (later deliveries are refused, never acknowledged),
+    //    Subscribe streams get everything delivered until then and end with
+    //    "reconnect to another replica"; the server stops accepting and
+    //    waits (bounded) for what is left, then exits.
     let closing = closing_token;
     let drain_timeout = config.drain_timeout;
     let signal = {
         let stopping = stopping.clone();
         let closing = closing.clone();
+        let local = local.clone();
         async move {
             shutdown.await;
             info!(
                 ?drain_timeout,
-                "draining: health NOT_SERVING, refusing Broadcast and Subscribe, still accepting Deliver"
+                "draining: health NOT_SERVING, refusing Broadcast, still delivering"
             );
             stopping.cancel();
             tokio::time::sleep(drain_timeout).await;
             info!("drain period over: closing");
             closing.cancel();
+            local.close();
         }
     };
     let server = Server::builder()
@@ -196,6 +201,7 @@ pub async fn serve(
     };
     stopping.cancel();
     closing.cancel();
+    local.close();
     fanout.drain(close_grace).await;
     if let Err(e) = redelivery.await {
         error!(error = %e, "redelivery task failed");

@@ -44,11 +44,11 @@ pub struct ReplicastService {
     pub(crate) peer_timeout: std::time::Duration,
     pub(crate) max_message_bytes: usize,
     pub(crate) metrics: Metrics,
-    /// Cancelled when the replica starts draining: Broadcast and Subscribe
-    /// are refused and Subscribe streams end with UNAVAILABLE, so clients
-    /// reconnect elsewhere.
+    /// Cancelled when the replica starts draining: Broadcast is refused with
+    /// UNAVAILABLE, so clients retry on another replica.
     pub(crate) stopping: CancellationToken,
-    /// Cancelled when the drain period is over: DeliverStreams end too.
+    /// Cancelled when the drain period is over: DeliverStreams end, and local
+    /// delivery closes (which ends Subscribe streams once they are flushed).
     pub(crate) closing: CancellationToken,
 }
 
@@ -120,7 +120,7 @@ impl ReplicastService {
         let message = message.ok_or(validate::ValidationError::MissingField { field: "message" })?;
         self.check_message(&message)?;
         let id = message.id.clone();
-        let delivered = deliver_locally(&self.local, &self.metrics, message, traced);
+        let delivered = deliver_locally(&self.local, &self.metrics, message, traced)?;
         Ok(DeliverResponse {
             id,
             sequence: delivered.sequence,
@@ -200,9 +200,9 @@ impl Replicast for ReplicastService {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        if self.stopping.is_cancelled() {
-            return Err(Error::ShuttingDown.into());
-        }
+        // Still accepted while draining: this replica keeps delivering until
+        // it closes, and a subscriber whose stream broke must be able to
+        // resume and read what was delivered meanwhile.
         let req = request.into_inner();
         validate::topic_filters(&req.topics).map_err(Error::from)?;
         let start = if req.after_sequence == 0 && req.from_oldest {
@@ -234,7 +234,9 @@ impl Replicast for ReplicastService {
                 }
             }
         });
-        Ok(Response::new(until_stopped(deliveries, self.stopping.clone())))
+        // The subscription itself ends when local delivery closes, after the
+        // drain and after this subscriber got every delivery made before it.
+        Ok(Response::new(Box::pin(deliveries)))
     }
 
     async fn list_peers(

@@ -1,12 +1,15 @@
 //! Rolling-deploy shutdown: a draining replica turns NOT_SERVING, refuses
-//! new Broadcasts and Subscribes, tells subscribers to reconnect, keeps
-//! accepting deliveries from peers for the drain period, then exits cleanly.
+//! new Broadcasts, keeps accepting deliveries from peers and serving its
+//! subscribers for the drain period, then hands each subscriber everything it
+//! acknowledged, tells it to reconnect, and exits cleanly.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, client, eventually, health_status, subscribe, wait_peer_count, wait_serving};
+use common::{
+    Cluster, client, eventually, health_status, next_delivery, subscribe, wait_peer_count, wait_serving,
+};
 use replicast::proto::v1::{AckPolicy, BroadcastRequest, DeliverRequest, Message, SubscribeRequest};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -20,10 +23,10 @@ fn broadcast(topic: &str) -> BroadcastRequest {
 }
 
 #[tokio::test]
-async fn a_draining_replica_refuses_new_work_but_still_accepts_deliveries() {
+async fn a_draining_replica_refuses_broadcasts_but_delivers_until_it_closes() {
     let mut cluster = Cluster::start_with(2, 0, &[]).await;
     cluster.publish(&[0, 1]).await;
-    cluster.start_replica(0, &["--drain-timeout", "5s"]);
+    cluster.start_replica(0, &["--drain-timeout", "2s"]);
     cluster.start_replica(1, &[]);
     let (draining, peer) = (cluster.addr(0), cluster.addr(1));
     wait_serving(draining).await;
@@ -44,13 +47,6 @@ async fn a_draining_replica_refuses_new_work_but_still_accepts_deliveries() {
         || async move { health_status(draining, "").await == ServingStatus::NotServing },
     )
     .await;
-    let ended = tokio::time::timeout(Duration::from_secs(5), subscription.message())
-        .await
-        .unwrap();
-    let status = ended.expect_err("the subscription ends with a status");
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("reconnect"), "{}", status.message());
-
     let mut draining_client = client(draining).await;
     let status = draining_client.broadcast(broadcast("t")).await.unwrap_err();
     assert_eq!(
@@ -58,11 +54,15 @@ async fn a_draining_replica_refuses_new_work_but_still_accepts_deliveries() {
         Code::Unavailable,
         "a client retries elsewhere: {status:?}"
     );
-    let status = draining_client
-        .subscribe(SubscribeRequest::default())
+    // A subscriber whose stream broke can still resume while it drains.
+    let mut resumed = draining_client
+        .subscribe(SubscribeRequest {
+            after_sequence: 1,
+            ..Default::default()
+        })
         .await
-        .expect_err("no new subscribers while draining");
-    assert_eq!(status.code(), Code::Unavailable);
+        .expect("Subscribe still served while draining")
+        .into_inner();
 
     // Peers whose DNS still lists it keep delivering, over the open stream...
     let response = peer_client
@@ -84,6 +84,20 @@ async fn a_draining_replica_refuses_new_work_but_still_accepts_deliveries() {
         })
         .await
         .expect("Deliver accepted while draining");
+
+    // Every subscriber gets what the replica acknowledged, then is told to
+    // reconnect elsewhere when the drain is over.
+    for stream in [&mut subscription, &mut resumed] {
+        let first = next_delivery(stream).await;
+        assert_eq!(first.message.unwrap().topic, "during-drain");
+        assert_eq!(next_delivery(stream).await.message.unwrap().id, "late");
+        let ended = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the stream ends after the drain");
+        let status = ended.expect_err("the subscription ends with a status");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("reconnect"), "{}", status.message());
+    }
 
     cluster.replicas[0]
         .take()

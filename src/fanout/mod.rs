@@ -189,23 +189,19 @@ impl FanOut {
         drop(done_tx);
 
         let id = message.id.clone();
-        let delivered = self.deliver_to_self(message, traced);
-        let label = if delivered.duplicate {
-            "duplicate"
+        let result = self.deliver_to_self(message, traced);
+        self.metrics
+            .record_hop(self.self_addr, hop_result_label(&result), started.elapsed());
+        if result.is_ok() {
+            tally.ack();
         } else {
-            "delivered"
-        };
-        self.metrics.record_hop(self.self_addr, label, started.elapsed());
-        tally.ack();
+            tally.fail();
+        }
         receipts.insert(
             self.self_addr,
             Receipt {
                 local: true,
-                result: Some(Ok(DeliverResponse {
-                    id: id.clone(),
-                    sequence: delivered.sequence,
-                    duplicate: delivered.duplicate,
-                })),
+                result: Some(result),
                 latency: started.elapsed(),
             },
         );
@@ -259,19 +255,35 @@ impl FanOut {
 
     /// The in-process hop, traced like a remote one (hop, then Deliver, then
     /// local delivery) so a trace shows every replica the same way.
-    fn deliver_to_self(&self, message: Message, traced: bool) -> crate::local::Delivered {
+    fn deliver_to_self(&self, message: Message, traced: bool) -> Result<DeliverResponse, HopError> {
+        let id = message.id.clone();
+        let to_receipt = |delivered: Result<crate::local::Delivered, Error>| match delivered {
+            Ok(delivered) => Ok(DeliverResponse {
+                id,
+                sequence: delivered.sequence,
+                duplicate: delivered.duplicate,
+            }),
+            // Only a closed replica refuses its own deliveries.
+            Err(_) => Err(HopError::ShuttingDown),
+        };
         if !traced {
-            return deliver_locally(&self.local, &self.metrics, message, false);
+            return to_receipt(deliver_locally(&self.local, &self.metrics, message, false));
         }
         let hop_span = spans::hop(self.self_addr, &message, true);
         let _hop = hop_span.enter();
         let deliver_span = spans::deliver(&message, None);
         let _deliver = deliver_span.enter();
-        let delivered = deliver_locally(&self.local, &self.metrics, message, true);
-        spans::record_status(&deliver_span, Side::Server, tonic::Code::Ok, "");
-        spans::record_status(&hop_span, Side::Client, tonic::Code::Ok, "");
-        hop_span.record("replicast.duplicate", delivered.duplicate);
-        delivered
+        let result = to_receipt(deliver_locally(&self.local, &self.metrics, message, true));
+        let (code, detail) = match &result {
+            Ok(_) => (tonic::Code::Ok, String::new()),
+            Err(error) => (error.code(), error.to_string()),
+        };
+        spans::record_status(&deliver_span, Side::Server, code, &detail);
+        spans::record_status(&hop_span, Side::Client, code, &detail);
+        if let Ok(response) = &result {
+            hop_span.record("replicast.duplicate", response.duplicate);
+        }
+        result
     }
 
     /// Retries what live peers missed, every [`REDELIVERY_TICK`], until
@@ -429,14 +441,15 @@ pub fn deliver_locally(
     metrics: &Metrics,
     message: Message,
     traced: bool,
-) -> crate::local::Delivered {
+) -> Result<crate::local::Delivered, Error> {
     let span = if traced {
         spans::local_delivery(&message)
     } else {
         tracing::Span::none()
     };
     let _entered = span.enter();
-    let delivered = local.deliver(message);
+    // A closed replica's refusal is recorded by the Deliver span around this.
+    let delivered = local.deliver(message)?;
     if delivered.duplicate {
         metrics.duplicates.inc();
     } else {
@@ -449,7 +462,7 @@ pub fn deliver_locally(
         );
         span.record("replicast.duplicate", delivered.duplicate);
     }
-    delivered
+    Ok(delivered)
 }
 
 /// The `result` label of a hop in metrics.

@@ -84,6 +84,8 @@ pub struct LocalDelivery {
 #[derive(Debug)]
 struct State {
     last_sequence: u64,
+    /// Set by [`LocalDelivery::close`]: nothing more is delivered.
+    closed: bool,
     dedup: DedupWindow,
     ring: ReplayRing,
 }
@@ -96,6 +98,7 @@ impl LocalDelivery {
             incarnation: rand::random::<u64>().max(1),
             state: Mutex::new(State {
                 last_sequence: 0,
+                closed: false,
                 dedup: DedupWindow::new(limits.dedup_capacity, limits.dedup_ttl),
                 ring: ReplayRing::new(limits.replay_capacity.max(1), limits.replay_max_bytes),
             }),
@@ -104,18 +107,24 @@ impl LocalDelivery {
         }
     }
 
-    /// Delivers `message` unless its id was delivered before.
-    pub fn deliver(&self, message: Message) -> Delivered {
+    /// Delivers `message` unless its id was delivered before. Fails with
+    /// [`Error::ShuttingDown`] once [`close`](Self::close)d: the sender is
+    /// not acknowledged, so it keeps the message for redelivery instead of
+    /// believing a replica that is about to exit delivered it.
+    pub fn deliver(&self, message: Message) -> Result<Delivered, Error> {
         let now = Instant::now();
         // Sized outside the lock; the sequence field adds at most 11 bytes.
         let size = message.encoded_len() + 11;
         let delivered = {
             let mut state = self.lock();
+            if state.closed {
+                return Err(Error::ShuttingDown);
+            }
             if let Some(sequence) = state.dedup.get(&message.id, now) {
-                return Delivered {
+                return Ok(Delivered {
                     sequence,
                     duplicate: true,
-                };
+                });
             }
             state.last_sequence += 1;
             let sequence = state.last_sequence;
@@ -133,7 +142,22 @@ impl LocalDelivery {
         };
         // Outside the lock: subscribers read the ring, the watch only wakes them.
         self.head_tx.send_replace(delivered.sequence);
-        delivered
+        Ok(delivered)
+    }
+
+    /// Stops delivering, at the end of a replica's drain. Subscribers first
+    /// get everything delivered before, then end with
+    /// [`Error::ShuttingDown`]: every acknowledged delivery reaches the
+    /// subscribers attached when it was made, and the rest are refused
+    /// (never acknowledged) rather than dropped.
+    pub fn close(&self) {
+        let last = {
+            let mut state = self.lock();
+            state.closed = true;
+            state.last_sequence
+        };
+        // Wakes subscribers that are caught up, so they see the close.
+        self.head_tx.send_replace(last);
     }
 
     /// This replica's incarnation.
@@ -232,13 +256,18 @@ impl LocalDelivery {
                 buffer: self.limits.subscriber_buffer,
             });
         }
-        state
-            .ring
-            .after(cursor, last, READ_BATCH)
-            .map_err(|evicted| Error::SubscriberOverrun {
-                cursor,
-                oldest: evicted.oldest,
-            })
+        let batch =
+            state
+                .ring
+                .after(cursor, last, READ_BATCH)
+                .map_err(|evicted| Error::SubscriberOverrun {
+                    cursor,
+                    oldest: evicted.oldest,
+                })?;
+        if batch.is_empty() && state.closed {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(batch)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -274,7 +303,8 @@ pub struct Subscription {
 impl Subscription {
     /// The next delivery that matches the filter. Ends with
     /// [`Error::SubscriberLagged`] when the subscriber fell too far behind,
-    /// or [`Error::ShuttingDown`] when the replica stops.
+    /// or [`Error::ShuttingDown`] once the replica is closed and this
+    /// subscriber has had everything delivered before that.
     pub async fn next(&mut self) -> Result<Arc<Delivery>, Error> {
         loop {
             if let Some(delivery) = self.batch.pop_front() {
@@ -324,21 +354,21 @@ mod tests {
     fn sequences_are_consecutive_and_duplicates_keep_theirs() {
         let l = local(10, 10);
         assert_eq!(
-            l.deliver(msg("a", "t")),
+            l.deliver(msg("a", "t")).unwrap(),
             Delivered {
                 sequence: 1,
                 duplicate: false
             }
         );
         assert_eq!(
-            l.deliver(msg("b", "t")),
+            l.deliver(msg("b", "t")).unwrap(),
             Delivered {
                 sequence: 2,
                 duplicate: false
             }
         );
         assert_eq!(
-            l.deliver(msg("a", "t")),
+            l.deliver(msg("a", "t")).unwrap(),
             Delivered {
                 sequence: 1,
                 duplicate: true
@@ -351,10 +381,10 @@ mod tests {
     async fn resume_replays_then_goes_live_without_gap_or_duplicate() {
         let l = local(10, 10);
         for i in 1..=3 {
-            l.deliver(msg(&format!("m{i}"), "t"));
+            l.deliver(msg(&format!("m{i}"), "t")).unwrap();
         }
         let mut sub = l.subscribe(TopicFilter::default(), 1, 0).unwrap();
-        l.deliver(msg("m4", "t"));
+        l.deliver(msg("m4", "t")).unwrap();
         let mut got = Vec::new();
         for _ in 0..3 {
             got.push(sub.next().await.unwrap().sequence);
@@ -366,8 +396,8 @@ mod tests {
     async fn filter_skips_other_topics() {
         let l = local(10, 10);
         let mut sub = l.subscribe(TopicFilter::new(&["cache.*".into()]), 0, 0).unwrap();
-        l.deliver(msg("1", "orders"));
-        l.deliver(msg("2", "cache.flush"));
+        l.deliver(msg("1", "orders")).unwrap();
+        l.deliver(msg("2", "cache.flush")).unwrap();
         let d = sub.next().await.unwrap();
         assert_eq!(d.sequence, 2);
     }
@@ -375,7 +405,7 @@ mod tests {
     #[test]
     fn resume_against_another_incarnation_is_refused() {
         let l = local(10, 10);
-        l.deliver(msg("a", "t"));
+        l.deliver(msg("a", "t")).unwrap();
         let other = l.incarnation().wrapping_add(1).max(1);
         assert!(matches!(
             l.subscribe(TopicFilter::default(), 1, other),
@@ -396,7 +426,7 @@ mod tests {
     async fn from_oldest_starts_at_the_ring() {
         let l = local(3, 10);
         for i in 1..=5 {
-            l.deliver(msg(&format!("m{i}"), "t"));
+            l.deliver(msg(&format!("m{i}"), "t")).unwrap();
         }
         let mut sub = l
             .subscribe_from(TopicFilter::default(), Start::Oldest, 0)
@@ -408,7 +438,7 @@ mod tests {
         let mut sub = empty
             .subscribe_from(TopicFilter::default(), Start::Oldest, 0)
             .unwrap();
-        empty.deliver(msg("first", "t"));
+        empty.deliver(msg("first", "t")).unwrap();
         assert_eq!(sub.next().await.unwrap().sequence, 1, "an empty ring starts live");
     }
 
@@ -416,7 +446,7 @@ mod tests {
     fn resume_errors() {
         let l = local(2, 10);
         for i in 1..=5 {
-            l.deliver(msg(&format!("m{i}"), "t"));
+            l.deliver(msg(&format!("m{i}"), "t")).unwrap();
         }
         assert!(matches!(
             l.subscribe(TopicFilter::default(), 1, 0),
@@ -439,7 +469,7 @@ mod tests {
         let l = local(100, 4);
         let mut sub = l.subscribe(TopicFilter::default(), 0, 0).unwrap();
         for i in 1..=10 {
-            l.deliver(msg(&format!("m{i}"), "t"));
+            l.deliver(msg(&format!("m{i}"), "t")).unwrap();
         }
         match sub.next().await {
             Err(Error::SubscriberLagged {
@@ -454,7 +484,7 @@ mod tests {
     async fn resuming_far_back_replays_at_its_own_pace() {
         let l = local(100, 4);
         for i in 1..=20 {
-            l.deliver(msg(&format!("m{i}"), "t"));
+            l.deliver(msg(&format!("m{i}"), "t")).unwrap();
         }
         let mut sub = l.subscribe(TopicFilter::default(), 2, 0).unwrap();
         for seq in 3..=20 {
@@ -472,7 +502,7 @@ mod tests {
         let mut sub = l.subscribe(TopicFilter::default(), 0, 0).unwrap();
         assert_eq!(l.subscriber_count(), 1);
         for i in 1..=5 {
-            l.deliver(msg(&format!("m{i}"), "t"));
+            l.deliver(msg(&format!("m{i}"), "t")).unwrap();
         }
         match sub.next().await {
             Err(Error::SubscriberOverrun { cursor: 0, oldest: 3 }) => {}
@@ -488,7 +518,32 @@ mod tests {
         let mut sub = l.subscribe(TopicFilter::default(), 0, 0).unwrap();
         let waiter = tokio::spawn(async move { sub.next().await.map(|d| d.sequence) });
         tokio::task::yield_now().await;
-        l.deliver(msg("late", "t"));
+        l.deliver(msg("late", "t")).unwrap();
         assert_eq!(waiter.await.unwrap().unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn close_flushes_subscribers_then_ends_them_and_refuses_deliveries() {
+        let l = local(10, 10);
+        let mut behind = l.subscribe(TopicFilter::default(), 0, 0).unwrap();
+        let mut caught_up = l.subscribe(TopicFilter::default(), 0, 0).unwrap();
+        l.deliver(msg("a", "t")).unwrap();
+        l.deliver(msg("b", "t")).unwrap();
+        assert_eq!(caught_up.next().await.unwrap().sequence, 1);
+        assert_eq!(caught_up.next().await.unwrap().sequence, 2);
+        let waiting = tokio::spawn(async move { caught_up.next().await.map(|d| d.sequence) });
+        tokio::task::yield_now().await;
+
+        l.close();
+        assert!(
+            matches!(l.deliver(msg("c", "t")), Err(Error::ShuttingDown)),
+            "a closed replica must not acknowledge what no subscriber will read"
+        );
+        assert!(matches!(waiting.await.unwrap(), Err(Error::ShuttingDown)));
+        // A subscriber still behind gets everything delivered before the close.
+        assert_eq!(behind.next().await.unwrap().sequence, 1);
+        assert_eq!(behind.next().await.unwrap().sequence, 2);
+        assert!(matches!(behind.next().await, Err(Error::ShuttingDown)));
+        assert_eq!(l.last_sequence(), 2);
     }
 }

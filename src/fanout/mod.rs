@@ -211,7 +211,11 @@ impl FanOut {
         // against --peer-timeout.
         let hops_bounded_by_caller = hop_deadline < started + budget.peer_timeout;
         let mut deadline_exceeded = false;
-        while tally.verdict().is_none() {
+        // Ends early only when the policy is met. Once it cannot be, the
+        // wait goes on for the other hops (each bounded by the hop deadline):
+        // the caller gets a final receipt from every replica, which is what
+        // it needs to know who has the message, rather than `pending` ones.
+        while tally.verdict() != Some(Verdict::Met) && tally.outstanding() > 0 {
             match tokio::time::timeout_at(budget.deadline.into(), done_rx.recv()).await {
                 Ok(Some((peer, result, latency))) => {
                     match &result {

@@ -64,9 +64,14 @@ impl Tally {
         self.required
     }
 
+    /// Hops that have not answered yet.
+    pub fn outstanding(&self) -> usize {
+        self.targets - self.acked - self.failed
+    }
+
     /// `Some` as soon as the outcome can no longer change.
     pub fn verdict(&self) -> Option<Verdict> {
-        let outstanding = self.targets - self.acked - self.failed;
+        let outstanding = self.outstanding();
         if self.acked >= self.required {
             Some(Verdict::Met)
         } else if self.acked + outstanding < self.required {

@@ -4,7 +4,10 @@
 //! at once (their receipts say UNAVAILABLE and why) until a backoff expires;
 //! then one hop goes through as a probe. A probe that succeeds makes the peer
 //! healthy again, with no restart; one that fails doubles the backoff (with
-//! jitter, up to [`MAX_BACKOFF`]). Pure state, driven by the link.
+//! jitter, up to [`MAX_BACKOFF`]). The redelivery task also probes a failing
+//! peer it holds messages for, every round and off the Broadcast path, so a
+//! peer that comes back usually rejoins long before that backoff expires.
+//! Pure state, driven by the link.
 
 use std::time::{Duration, Instant};
 

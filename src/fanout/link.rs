@@ -43,6 +43,8 @@ const HOP_QUEUE: usize = 1024;
 /// stops reading (flow control) fills this, and further hops fail at once
 /// instead of piling up.
 const FRAME_QUEUE: usize = 4096;
+/// HTTP/2 keepalive ping interval, and how long a ping may go unanswered.
+const KEEPALIVE: Duration = Duration::from_secs(2);
 /// How often hops abandoned by their callers are dropped from the pending map.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -81,9 +83,13 @@ impl PeerLink {
             .expect("a socket address is a valid URI authority")
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
-            // Notice a peer that vanished without closing the connection.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+            // Notice within seconds a peer that vanished without closing the
+            // connection (frozen, partitioned): the connection is dropped and
+            // the next hop reconnects. Otherwise the old connection lingers in
+            // TCP retransmission backoff and a peer that is back stays
+            // unreachable for seconds more. One ping per peer per interval.
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
             .keep_alive_while_idle(true);
         let client = ReplicastClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(config.max_frame_bytes)
@@ -120,8 +126,51 @@ impl PeerLink {
         // A hop cut short by its caller's deadline says nothing about the peer.
         let full_budget =
             deadline.saturating_duration_since(started) + Duration::from_millis(1) >= self.peer_timeout;
+        let result = self
+            .send_with_retries(message, trace_context, deadline, started)
+            .await;
+        let mut health = self.lock_health();
+        match &result {
+            // A rejection is an answer: the peer is alive.
+            Ok(_) | Err(HopError::Rejected { .. }) => health.succeeded(),
+            // Local conditions, not the peer's.
+            Err(HopError::ShuttingDown | HopError::Saturated(_)) => {}
+            Err(HopError::Timeout(_)) if !full_budget => {}
+            Err(error) => health.failed(Instant::now(), &error.to_string(), probe, rand::random()),
+        }
+        result
+    }
+
+    /// Redelivers a missed `message` from the background task. While the
+    /// peer is failing this goes through anyway, as a probe: nobody waits on
+    /// it, so it can afford to try every redelivery round, and a peer that
+    /// comes back rejoins within a round instead of after the Broadcasts'
+    /// probe backoff (which grows to 30 s). Its failures leave that backoff
+    /// alone; its success makes the peer healthy for Broadcasts too.
+    pub async fn redeliver(&self, message: &Message, deadline: Instant) -> HopResult {
+        if !self.is_failing() {
+            return self.deliver(message, HashMap::new(), deadline).await;
+        }
+        let result = self
+            .send_with_retries(message, HashMap::new(), deadline, Instant::now())
+            .await;
+        if matches!(result, Ok(_) | Err(HopError::Rejected { .. })) {
+            self.lock_health().succeeded();
+        }
+        result
+    }
+
+    /// Sends until acked, retrying transient failures (UNAVAILABLE) with
+    /// backoff and jitter while `deadline` allows.
+    async fn send_with_retries(
+        &self,
+        message: &Message,
+        trace_context: HashMap<String, String>,
+        deadline: Instant,
+        started: Instant,
+    ) -> HopResult {
         let mut retries = 0;
-        let result = loop {
+        loop {
             let result = self
                 .send_once(message.clone(), trace_context.clone(), deadline, started)
                 .await;
@@ -133,19 +182,9 @@ impl PeerLink {
                     retries += 1;
                     tokio::time::sleep(pause).await;
                 }
-                result => break result,
+                result => return result,
             }
-        };
-        let mut health = self.lock_health();
-        match &result {
-            // A rejection is an answer: the peer is alive.
-            Ok(_) | Err(HopError::Rejected { .. }) => health.succeeded(),
-            // Local conditions, not the peer's.
-            Err(HopError::ShuttingDown | HopError::Saturated(_)) => {}
-            Err(HopError::Timeout(_)) if !full_budget => {}
-            Err(error) => health.failed(Instant::now(), &error.to_string(), probe, rand::random()),
         }
-        result
     }
 
     /// One attempt: queue the hop for the link task and wait for its ack.

@@ -335,12 +335,13 @@ impl FanOut {
         };
         let now = Instant::now();
         let link = self.lock_links().get(&peer).cloned();
-        // Not in the peer set now (a restarting pod leaves DNS while it is not
-        // ready): keep its messages for the window, in case it comes back.
-        let limit = if link.is_some() {
-            REDELIVERY_BATCH
-        } else {
-            usize::MAX
+        let limit = match &link {
+            // Not in the peer set now (a restarting pod leaves DNS while it is
+            // not ready): keep its messages for the window, in case it comes back.
+            None => usize::MAX,
+            // One message is enough to find out whether it is back.
+            Some(link) if link.is_failing() => 1,
+            Some(_) => REDELIVERY_BATCH,
         };
         let (batch, expired) = self.redelivery.take(peer, now, limit);
         if expired > 0 {
@@ -355,12 +356,8 @@ impl FanOut {
             return;
         }
         let deadline = now + self.peer_timeout;
-        let results = futures::future::join_all(
-            batch
-                .iter()
-                .map(|m| link.deliver(&m.message, HashMap::new(), deadline)),
-        )
-        .await;
+        let results =
+            futures::future::join_all(batch.iter().map(|m| link.redeliver(&m.message, deadline))).await;
         let mut failed = Vec::new();
         let (mut delivered, mut already, mut rejected) = (0, 0, 0);
         for (missed, result) in batch.into_iter().zip(results) {

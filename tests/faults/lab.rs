@@ -94,7 +94,10 @@ impl Lab {
     /// Another namespace on the bridge; returns its slot.
     pub async fn add_host(&mut self) -> usize {
         let slot = self.hosts.len();
-        assert!(slot < 10, "a lab has at most 10 hosts (interface names are short)");
+        assert!(
+            slot < 10,
+            "a lab has at most 10 hosts (interface names are short)"
+        );
         let host = Host {
             netns: format!("{}-{slot}", self.id),
             veth: format!("{}h{slot}", self.id),
@@ -104,7 +107,16 @@ impl Lab {
         let address = format!("{}/24", self.ip(slot));
         ip(&["netns", "add", &host.netns]).await;
         ip(&[
-            "link", "add", &host.veth, "type", "veth", "peer", "name", "eth0", "netns", &host.netns,
+            "link",
+            "add",
+            &host.veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &host.netns,
         ])
         .await;
         ip(&["link", "set", &host.veth, "master", &self.id]).await;
@@ -152,7 +164,13 @@ impl Lab {
         let log = self.dir.join(format!("replica-{slot}-{}.log", host.starts));
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", &host.netns, env!("CARGO_BIN_EXE_replicast"), "serve"])
+            .args([
+                "netns",
+                "exec",
+                &host.netns,
+                env!("CARGO_BIN_EXE_replicast"),
+                "serve",
+            ])
             .args(["--listen", &listen, "--peers-dns", HEADLESS, "--dns-server", &dns])
             .args(["--log-format", "json"])
             .args(REPLICA_FLAGS)
@@ -237,7 +255,10 @@ impl Lab {
             .arg(format!("--listen-address={}", self.gateway()))
             .arg(format!("--addn-hosts={}", self.dir.join("hosts").display()))
             .arg(format!("--pid-file={}", self.dir.join("dnsmasq.pid").display()))
-            .arg(format!("--log-facility={}", self.dir.join("dnsmasq.log").display()))
+            .arg(format!(
+                "--log-facility={}",
+                self.dir.join("dnsmasq.log").display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -288,7 +309,10 @@ impl Drop for Lab {
             let _ = dns.start_kill();
         }
         if std::thread::panicking() {
-            eprintln!("fault suite failed; replica and dnsmasq logs:\n{}", self.log_tails());
+            eprintln!(
+                "fault suite failed; replica and dnsmasq logs:\n{}",
+                self.log_tails()
+            );
         }
         // Synchronous on purpose: this runs in Drop, possibly while unwinding.
         for host in &self.hosts {
@@ -332,7 +356,13 @@ async fn free_subnet() -> [u8; 3] {
     let routes = ip_output(&["-4", "route", "show", "table", "all"]).await;
     let seed = std::process::id();
     (0..250u32)
-        .map(|i| [10, 200 + ((seed + i) % 50) as u8, ((seed / 50 + i * 7) % 250) as u8])
+        .map(|i| {
+            [
+                10,
+                200 + ((seed + i) % 50) as u8,
+                ((seed / 50 + i * 7) % 250) as u8,
+            ]
+        })
         .find(|[a, b, c]| {
             let prefix = format!("{a}.{b}.{c}.");
             !addresses.contains(&prefix) && !routes.contains(&prefix)

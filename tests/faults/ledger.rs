@@ -102,7 +102,11 @@ impl Ledger {
             .iter()
             .filter_map(|b| b.accepted.as_ref().map(|a| (b, a)))
             .flat_map(|(b, a)| a.receipts.iter().map(move |r| (b, r)))
-            .filter(|(b, r)| !delivered.get(&r.slot).is_some_and(|ids| ids.contains_key(b.id.as_str())))
+            .filter(|(b, r)| {
+                !delivered
+                    .get(&r.slot)
+                    .is_some_and(|ids| ids.contains_key(b.id.as_str()))
+            })
             .filter(|(b, r)| !(r.acked() && died_with_kill(b, r.slot, faults)))
             .count()
     }
@@ -129,7 +133,12 @@ impl Ledger {
             .iter()
             .filter(|b| b.started >= fault.restored)
             .filter_map(|b| {
-                let receipt = b.accepted.as_ref()?.receipts.iter().find(|r| r.slot == fault.slot)?;
+                let receipt = b
+                    .accepted
+                    .as_ref()?
+                    .receipts
+                    .iter()
+                    .find(|r| r.slot == fault.slot)?;
                 Some((b.started, receipt.acked()))
             })
             .collect();
@@ -233,7 +242,10 @@ impl Ledger {
                 }
                 // A faulted entry replica (cut off, frozen) rightly reports
                 // the healthy ones it could not reach.
-                if !receipt.acked() && !faulted(receipt.slot, broadcast) && !faulted(accepted.entry, broadcast) {
+                if !receipt.acked()
+                    && !faulted(receipt.slot, broadcast)
+                    && !faulted(accepted.entry, broadcast)
+                {
                     report.healthy_failures += 1;
                     report.violations.push(format!(
                         "{}: healthy replica {} failed with code {} (Broadcast {:?})",
@@ -275,9 +287,9 @@ impl Ledger {
                         report.again_after_crash += count - 1;
                     } else {
                         report.duplicates += count - 1;
-                        report.violations.push(format!(
-                            "replica {slot}: {id} delivered by {count} incarnations"
-                        ));
+                        report
+                            .violations
+                            .push(format!("replica {slot}: {id} delivered by {count} incarnations"));
                     }
                 }
             }
@@ -375,7 +387,11 @@ impl fmt::Display for Report {
             self.retries,
             self.incarnations,
             self.again_after_crash,
-            if rejoin.is_empty() { "-".to_owned() } else { rejoin.join(", ") },
+            if rejoin.is_empty() {
+                "-".to_owned()
+            } else {
+                rejoin.join(", ")
+            },
         )?;
         for violation in self.violations.iter().take(20) {
             writeln!(f, "VIOLATION: {violation}")?;

@@ -91,7 +91,12 @@ impl Run {
     /// Waits until every running replica lists exactly the `count` published
     /// peers, from a fresh (not stale) lookup.
     async fn wait_converged(&self, count: usize) {
-        let published: Vec<String> = self.lab.published().iter().map(|s| self.lab.addr(*s).to_string()).collect();
+        let published: Vec<String> = self
+            .lab
+            .published()
+            .iter()
+            .map(|s| self.lab.addr(*s).to_string())
+            .collect();
         let deadline = Instant::now() + Duration::from_secs(20);
         'poll: loop {
             assert!(
@@ -102,13 +107,17 @@ impl Run {
             for slot in self.lab.published().iter().copied() {
                 let mut client = self.endpoints.client(slot);
                 let Ok(Ok(peers)) =
-                    tokio::time::timeout(Duration::from_secs(1), client.list_peers(ListPeersRequest {})).await
+                    tokio::time::timeout(Duration::from_secs(1), client.list_peers(ListPeersRequest {}))
+                        .await
                 else {
                     continue 'poll;
                 };
                 let peers = peers.into_inner();
                 let listed: Vec<&str> = peers.peers.iter().map(|p| p.address.as_str()).collect();
-                if peers.stale || listed.len() != count || !published.iter().all(|p| listed.contains(&p.as_str())) {
+                if peers.stale
+                    || listed.len() != count
+                    || !published.iter().all(|p| listed.contains(&p.as_str()))
+                {
                     continue 'poll;
                 }
             }
@@ -132,7 +141,10 @@ impl Run {
         self.traffic.stop_reading().await;
         let report = self.traffic.ledger().report(title, &self.faults);
         println!("{report}");
-        println!("(everything missing at the end of the load arrived within {} ms)", settle.as_millis());
+        println!(
+            "(everything missing at the end of the load arrived within {} ms)",
+            settle.as_millis()
+        );
         report
     }
 }
@@ -144,7 +156,10 @@ fn assert_clean(report: &ledger::Report) {
         report.title,
         report.violations.len()
     );
-    assert!(report.delivered > 0 && report.acks > 0, "the scenario carried no traffic");
+    assert!(
+        report.delivered > 0 && report.acks > 0,
+        "the scenario carried no traffic"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,9 +183,14 @@ async fn kill_9_one_of_five_mid_load_then_restart_it() {
     });
 
     tokio::time::sleep(RECOVERY).await;
-    let report = run.finish("1. kill -9 one of five replicas mid-load, then start it again").await;
+    let report = run
+        .finish("1. kill -9 one of five replicas mid-load, then start it again")
+        .await;
     assert_clean(&report);
-    assert!(report.incarnations > REPLICAS, "the restarted replica's new incarnation was read");
+    assert!(
+        report.incarnations > REPLICAS,
+        "the restarted replica's new incarnation was read"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,9 +213,14 @@ async fn freeze_one_replica_past_the_peer_deadline_then_thaw_it() {
     });
 
     tokio::time::sleep(RECOVERY).await;
-    let report = run.finish("2. SIGSTOP one replica for 4 s (peer deadline 1 s), then SIGCONT").await;
+    let report = run
+        .finish("2. SIGSTOP one replica for 4 s (peer deadline 1 s), then SIGCONT")
+        .await;
     assert_clean(&report);
-    assert!(report.redelivered > 0, "the frozen replica missed messages and got them redelivered");
+    assert!(
+        report.redelivered > 0,
+        "the frozen replica missed messages and got them redelivered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,9 +243,14 @@ async fn cut_one_replica_off_the_network_then_restore_it() {
     });
 
     tokio::time::sleep(RECOVERY).await;
-    let report = run.finish("3. cut one replica off the network (link down) for 4 s, then restore it").await;
+    let report = run
+        .finish("3. cut one replica off the network (link down) for 4 s, then restore it")
+        .await;
     assert_clean(&report);
-    assert!(report.redelivered > 0, "the cut-off replica missed messages and got them redelivered");
+    assert!(
+        report.redelivered > 0,
+        "the cut-off replica missed messages and got them redelivered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,7 +269,10 @@ async fn rolling_restart_of_every_replica_under_ack_all() {
         run.lab.publish(others.iter().copied());
         run.endpoints.set_routable(others);
         let status = run.lab.terminate(slot).await;
-        assert!(status.success(), "replica {slot} exited with {status} after SIGTERM");
+        assert!(
+            status.success(),
+            "replica {slot} exited with {status} after SIGTERM"
+        );
         run.lab.start_replica(slot);
         run.lab.publish(0..REPLICAS);
         run.wait_converged(REPLICAS).await;
@@ -258,7 +291,10 @@ async fn rolling_restart_of_every_replica_under_ack_all() {
         .await;
     assert_clean(&report);
     assert_eq!(report.died_with_kill, 0);
-    assert!(report.incarnations >= 2 * REPLICAS, "every replica was read in two incarnations");
+    assert!(
+        report.incarnations >= 2 * REPLICAS,
+        "every replica was read in two incarnations"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,7 +317,10 @@ async fn dns_down_then_back_and_a_replica_added_meanwhile_joins() {
                 assert!(!peers.last_error.is_empty(), "the lookup error is reported");
                 break;
             }
-            assert!(Instant::now() < deadline, "replica {slot} never reported its peer set stale");
+            assert!(
+                Instant::now() < deadline,
+                "replica {slot} never reported its peer set stale"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -308,7 +347,9 @@ async fn dns_down_then_back_and_a_replica_added_meanwhile_joins() {
 
     tokio::time::sleep(RECOVERY).await;
     let report = run
-        .finish("5. DNS server stopped for 2 s+, then restarted; a sixth replica added to DNS meanwhile joins")
+        .finish(
+            "5. DNS server stopped for 2 s+, then restarted; a sixth replica added to DNS meanwhile joins",
+        )
         .await;
     assert_clean(&report);
     assert!(

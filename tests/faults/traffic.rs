@@ -14,7 +14,9 @@ use std::{
 
 use replicast::{
     error::broadcast_response_from_status,
-    proto::v1::{AckPolicy, BroadcastRequest, BroadcastResponse, SubscribeRequest, replicast_client::ReplicastClient},
+    proto::v1::{
+        AckPolicy, BroadcastRequest, BroadcastResponse, SubscribeRequest, replicast_client::ReplicastClient,
+    },
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -223,7 +225,8 @@ fn receipts(response: &BroadcastResponse, slot_of: &SlotOf) -> Vec<Receipt> {
         .outcomes
         .iter()
         .map(|outcome| Receipt {
-            slot: slot_of(&outcome.peer).unwrap_or_else(|| panic!("receipt for unknown peer {}", outcome.peer)),
+            slot: slot_of(&outcome.peer)
+                .unwrap_or_else(|| panic!("receipt for unknown peer {}", outcome.peer)),
             code: outcome.code,
         })
         .collect()
@@ -289,7 +292,10 @@ async fn read_forever(mut client: ReplicastClient<Channel>, slot: usize, ledger:
 /// Statuses a subscriber reconnects after without losing anything:
 /// the replica went away or is shutting down.
 fn reconnectable(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,9 +1,16 @@
 //! Discovery: SRV and static sources, waiting for the first lookup, stale
-//! peer sets when DNS fails, and empty answers.
+//! peer sets when DNS is down or answers SERVFAIL, and empty answers.
 
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use common::{
     Cluster, HEADLESS, Hosts, ZONE, base_args, client, config, eventually, health_status, wait_serving,
@@ -193,7 +200,7 @@ async fn broadcast_before_the_first_lookup_waits_for_it_within_its_deadline() {
 }
 
 #[tokio::test]
-async fn failed_lookups_keep_the_last_good_set_marked_stale_and_recover() {
+async fn dns_down_or_servfail_keeps_the_last_good_set_marked_stale_and_recovers() {
     let cluster = Cluster::start(2, &[]).await;
     let dns_addr = cluster.dns.addr();
     let Cluster { dns, hosts, replicas } = cluster;
@@ -216,6 +223,21 @@ async fn failed_lookups_keep_the_last_good_set_marked_stale_and_recover() {
         .into_inner();
     assert_eq!(response.acked, 2, "broadcasts keep working on the stale set");
 
+    // A server that answers, but with SERVFAIL (a broken upstream, an
+    // overloaded CoreDNS): the same, and the error says so.
+    let servfail = ServfailDns::start(dns_addr).await;
+    eventually(
+        "the lookup error to be SERVFAIL",
+        Duration::from_secs(10),
+        || async move {
+            let view = peers(first).await;
+            view.stale && view.peers.len() == 2 && view.last_error.contains("Server Failure")
+        },
+    )
+    .await;
+    assert!(servfail.answered() > 0, "the replica asked the SERVFAIL server");
+    drop(servfail);
+
     let dns = DevDns::start_at(dns_addr, ZONE).await.unwrap();
     dns.set_addresses(HEADLESS, &hosts.ips).await.unwrap();
     eventually("ListPeers to recover", Duration::from_secs(10), || async move {
@@ -226,6 +248,51 @@ async fn failed_lookups_keep_the_last_good_set_marked_stale_and_recover() {
         replica.shutdown().await.unwrap();
     }
     dns.shutdown().await;
+}
+
+/// A DNS server that answers every query with SERVFAIL.
+struct ServfailDns {
+    answered: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ServfailDns {
+    async fn start(addr: SocketAddr) -> Self {
+        let socket = tokio::net::UdpSocket::bind(addr)
+            .await
+            .expect("bind the SERVFAIL server");
+        let answered = Arc::new(AtomicUsize::new(0));
+        let count = answered.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok((len, from)) = socket.recv_from(&mut buf).await {
+                let Ok(query) = hickory_proto::op::Message::from_vec(&buf[..len]) else {
+                    continue;
+                };
+                let mut response = hickory_proto::op::Message::error_msg(
+                    query.metadata.id,
+                    query.metadata.op_code,
+                    hickory_proto::op::ResponseCode::ServFail,
+                );
+                response.add_queries(query.queries.clone());
+                if let Ok(bytes) = response.to_vec() {
+                    let _ = socket.send_to(&bytes, from).await;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        Self { answered, task }
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ServfailDns {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 #[tokio::test]

@@ -150,18 +150,22 @@ impl Ledger {
         after_restore.get(first_good).map(|(started, _)| *started)
     }
 
-    /// The accounting of a scenario.
-    pub fn report(&self, title: &str, faults: &[Fault]) -> Report {
+    /// The accounting of a scenario. `window` is when the scenario's trouble
+    /// lasted, when that is more than its replica faults (a DNS outage).
+    pub fn report(&self, title: &str, faults: &[Fault], window: Option<(Instant, Instant)>) -> Report {
         let mut report = Report {
             title: title.to_owned(),
             sent: self.broadcasts.len(),
             ..Report::default()
         };
         let delivered = self.delivered_sets();
-        let span = (
-            faults.iter().map(|f| f.began).min(),
-            faults.iter().map(|f| f.restored).max(),
-        );
+        let span = match window {
+            Some((began, ended)) => (Some(began), Some(ended)),
+            None => (
+                faults.iter().map(|f| f.began).min(),
+                faults.iter().map(|f| f.restored).max(),
+            ),
+        };
 
         // A faulted replica counts as faulted from the fault until every
         // Broadcast that targets it acknowledges it again: peers that had

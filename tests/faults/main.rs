@@ -56,6 +56,8 @@ struct Run {
     endpoints: Endpoints,
     traffic: Traffic,
     faults: Vec<Fault>,
+    /// The scenario's trouble, when it is not only replica faults.
+    window: Option<(Instant, Instant)>,
 }
 
 impl Run {
@@ -75,6 +77,7 @@ impl Run {
             endpoints,
             traffic: Traffic::new(),
             faults: Vec::new(),
+            window: None,
         };
         run.wait_converged(REPLICAS).await;
         for slot in 0..REPLICAS {
@@ -139,7 +142,7 @@ impl Run {
         // Late duplicates would show up now.
         tokio::time::sleep(Duration::from_millis(500)).await;
         self.traffic.stop_reading().await;
-        let report = self.traffic.ledger().report(title, &self.faults);
+        let report = self.traffic.ledger().report(title, &self.faults, self.window);
         println!("{report}");
         println!(
             "(everything missing at the end of the load arrived within {} ms)",
@@ -305,6 +308,7 @@ async fn dns_down_then_back_and_a_replica_added_meanwhile_joins() {
     run.start_load();
     tokio::time::sleep(STEADY).await;
 
+    let outage = Instant::now();
     run.lab.stop_dns().await;
     // Every replica keeps its last good set, marked stale.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -344,6 +348,7 @@ async fn dns_down_then_back_and_a_replica_added_meanwhile_joins() {
         restored: Instant::now(),
         killed: false,
     });
+    run.window = Some((outage, Instant::now()));
 
     tokio::time::sleep(RECOVERY).await;
     let report = run

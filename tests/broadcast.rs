@@ -211,6 +211,38 @@ async fn hung_peer_gets_deadline_exceeded_and_delays_nobody() {
 }
 
 #[tokio::test]
+async fn a_policy_that_cannot_be_met_still_waits_for_every_receipt() {
+    // Replica 2 hangs (accepts, never answers); replica 3 refuses at once.
+    let mut cluster = Cluster::start_with(4, 2, &["--peer-timeout", "300ms"]).await;
+    let _hung = HungPeer::start(cluster.hosts.listeners[2].take().unwrap());
+    drop(cluster.hosts.listeners[3].take());
+    cluster.publish(&[0, 1, 2, 3]).await;
+    common::wait_peer_count(cluster.addr(0), 4).await;
+
+    let status = cluster
+        .client(0)
+        .await
+        .broadcast(request("t", "x", AckPolicy::All, ""))
+        .await
+        .unwrap_err();
+    let receipts = broadcast_response_from_status(&status).unwrap();
+    // The refusal alone decides that ALL fails; the call still waits out the
+    // hung peer's hop, so no receipt is left `pending`.
+    let by_peer = |i: usize| {
+        let peer = cluster.addr(i).to_string();
+        receipts.outcomes.iter().find(|o| o.peer == peer).unwrap().clone()
+    };
+    assert!(receipts.outcomes.iter().all(|o| !o.pending), "{receipts:?}");
+    assert_eq!(code(by_peer(2).code), Code::DeadlineExceeded, "{receipts:?}");
+    assert_eq!(code(by_peer(3).code), Code::Unavailable, "{receipts:?}");
+    assert_eq!(
+        (code(by_peer(0).code), code(by_peer(1).code)),
+        (Code::Ok, Code::Ok)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
 async fn ack_policies_against_a_dead_peer() {
     // Replica 3 is in DNS but nothing listens there: connections are refused.
     let mut cluster = Cluster::start_with(4, 3, &[]).await;
@@ -229,6 +261,10 @@ async fn ack_policies_against_a_dead_peer() {
     let receipts = broadcast_response_from_status(&status).unwrap();
     let dead_receipt = receipts.outcomes.iter().find(|o| o.peer == dead).unwrap();
     assert_eq!(code(dead_receipt.code), Code::Unavailable, "{dead_receipt:?}");
+    // Failing does not cut the wait short: every receipt is final, so the
+    // caller knows the three live replicas have the message.
+    assert!(receipts.outcomes.iter().all(|o| !o.pending), "{receipts:?}");
+    assert_eq!((receipts.replicas, receipts.acked), (4, 3), "{receipts:?}");
 
     let quorum = client
         .broadcast(request("t", "quorum", AckPolicy::Quorum, ""))

@@ -9,7 +9,7 @@
 //!
 //! A [`PeerLink`] owns a task that opens the stream on first use, writes one
 //! tagged frame per hop, matches acks to hops by tag, and reopens the stream
-//! after it breaks. Each hop carries its own deadline, enforced by the caller
+//! after it breaks, or when it stalls (frames taken, nothing acked). Each hop carries its own deadline, enforced by the caller
 //! of [`PeerLink::deliver`], so a hung or slow peer delays only the hops to
 //! that peer.
 
@@ -98,7 +98,9 @@ impl PeerLink {
         // A root span: the link outlives the Broadcast that happened to create
         // it, and must not keep that Broadcast's span open.
         let span = tracing::info_span!(target: "replicast::link", parent: None, "peer_link", peer = %addr);
-        let task = tokio::spawn(run(addr, client, hop_rx).instrument(span));
+        // Twice the hop deadline: by then every hop on the stream has timed out.
+        let stall_after = config.connect_timeout * 2;
+        let task = tokio::spawn(run(addr, client, hop_rx, stall_after).instrument(span));
         Self {
             hop_tx,
             peer_timeout: config.connect_timeout,
@@ -256,7 +258,12 @@ impl std::fmt::Debug for Hop {
 
 /// The link task: (re)open the stream when there is work, then pump frames
 /// and acks until the stream breaks.
-async fn run(addr: SocketAddr, client: ReplicastClient<Channel>, mut hop_rx: mpsc::Receiver<Hop>) {
+async fn run(
+    addr: SocketAddr,
+    client: ReplicastClient<Channel>,
+    mut hop_rx: mpsc::Receiver<Hop>,
+    stall_after: Duration,
+) {
     let mut next_tag: u64 = 0;
     loop {
         let Some(first) = next_live_hop(&mut hop_rx).await else {
@@ -266,6 +273,8 @@ async fn run(addr: SocketAddr, client: ReplicastClient<Channel>, mut hop_rx: mps
         let mut session = Session {
             frame_tx,
             pending: HashMap::new(),
+            unanswered_since: None,
+            stall_after,
         };
         session.send(first, &mut next_tag);
         // The call resolves once the peer answers with response headers. The
@@ -313,6 +322,12 @@ async fn next_live_hop(hop_rx: &mut mpsc::Receiver<Hop>) -> Option<Hop> {
 struct Session {
     frame_tx: mpsc::Sender<DeliverFrame>,
     pending: HashMap<u64, oneshot::Sender<HopResult>>,
+    /// When the first frame not yet followed by any ack was sent.
+    unanswered_since: Option<Instant>,
+    /// A stream that takes frames but acks none of them for this long is
+    /// given up and reopened: the peer's end of it is stuck even though the
+    /// connection (which keepalive watches) is alive.
+    stall_after: Duration,
 }
 
 impl Session {
@@ -327,6 +342,7 @@ impl Session {
         match self.frame_tx.try_send(frame) {
             Ok(()) => {
                 self.pending.insert(tag, hop.reply_tx);
+                self.unanswered_since.get_or_insert_with(Instant::now);
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let _ = hop.reply_tx.send(Err(HopError::Unavailable(format!(
@@ -370,7 +386,10 @@ impl Session {
                     None => return None,
                 },
                 ack = acks.message() => match ack {
-                    Ok(Some(ack)) => self.complete(ack),
+                    Ok(Some(ack)) => {
+                        self.unanswered_since = None;
+                        self.complete(ack);
+                    }
                     Ok(None) => return Some(HopError::Unavailable("the peer closed the delivery stream".into())),
                     // The stream as a whole failed: every pending hop may be
                     // retried, whatever the code (it is not about one message).
@@ -379,7 +398,17 @@ impl Session {
                         status.message()
                     ))),
                 },
-                _ = sweep.tick() => self.pending.retain(|_, reply_tx| !reply_tx.is_closed()),
+                _ = sweep.tick() => {
+                    self.pending.retain(|_, reply_tx| !reply_tx.is_closed());
+                    if let Some(since) = self.unanswered_since
+                        && since.elapsed() > self.stall_after
+                    {
+                        return Some(HopError::Unavailable(format!(
+                            "the peer acknowledged nothing on the delivery stream for {}; reopening it",
+                            humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
+                        )));
+                    }
+                }
             }
         }
     }

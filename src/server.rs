@@ -151,6 +151,7 @@ pub async fn serve(
         let stopping = stopping.clone();
         let closing = closing.clone();
         let local = local.clone();
+        let mut health = health.clone();
         async move {
             shutdown.await;
             info!(
@@ -162,6 +163,7 @@ pub async fn serve(
             info!("drain period over: closing");
             closing.cancel();
             local.close();
+            end_health_watches(&mut health).await;
         }
     };
     let server = Server::builder()
@@ -296,6 +298,15 @@ fn spawn_membership(
         set_health(&health, ServingStatus::NotServing).await;
     };
     tokio::spawn(task.instrument(tracing::info_span!("membership")))
+}
+
+/// Ends open `grpc.health.v1` Watch streams (they end when their service's
+/// status is removed), which would otherwise hold the server open until the
+/// close grace runs out. Checks after this get NOT_FOUND; by now the server
+/// is closing anyway.
+async fn end_health_watches(health: &mut HealthReporter) {
+    health.clear_service_status("").await;
+    health.clear_service_status(proto::SERVICE_NAME).await;
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

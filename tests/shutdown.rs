@@ -11,8 +11,10 @@ use common::{
     Cluster, client, eventually, health_status, next_delivery, subscribe, wait_peer_count, wait_serving,
 };
 use replicast::proto::v1::{AckPolicy, BroadcastRequest, DeliverRequest, Message, SubscribeRequest};
-use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
+use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 fn broadcast(topic: &str) -> BroadcastRequest {
     BroadcastRequest {
@@ -38,6 +40,22 @@ async fn a_draining_replica_refuses_broadcasts_but_delivers_until_it_closes() {
         .await
         .expect("both replicas up");
     let mut subscription = subscribe(draining, &[], 0).await;
+    let channel = Channel::from_shared(format!("http://{draining}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health_watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("Watch")
+        .into_inner();
+    assert_eq!(
+        health_watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
 
     cluster.replicas[0].as_ref().unwrap().begin_shutdown();
 
@@ -98,6 +116,16 @@ async fn a_draining_replica_refuses_broadcasts_but_delivers_until_it_closes() {
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(status.message().contains("reconnect"), "{}", status.message());
     }
+    // A health Watch sees NOT_SERVING, then ends with the drain instead of
+    // holding the server open.
+    assert_eq!(
+        health_watch.message().await.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), health_watch.message())
+        .await
+        .expect("the Watch ends after the drain");
+    assert!(matches!(end, Ok(None)), "{end:?}");
 
     cluster.replicas[0]
         .take()

@@ -18,8 +18,8 @@ use futures::{Stream, StreamExt};
 use replicast::{
     error::broadcast_response_from_status,
     proto::v1::{
-        AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest, DeliverResponse,
-        Delivery, ListPeersRequest, ListPeersResponse, SubscribeRequest,
+        AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest,
+        DeliverResponse, Delivery, ListPeersRequest, ListPeersResponse, SubscribeRequest,
         replicast_server::{Replicast, ReplicastServer},
     },
 };
@@ -77,7 +77,10 @@ impl Replicast for StuckFirstStream {
 
     type SubscribeStream = RpcStream<Delivery>;
 
-    async fn subscribe(&self, _: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        _: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         Err(Status::unimplemented("test peer"))
     }
 

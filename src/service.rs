@@ -296,26 +296,26 @@ fn outcome_label(result: &Result<BroadcastResponse, Error>) -> &'static str {
     }
 }
 
-/// Ends a long-lived response stream with UNAVAILABLE when the replica stops,
-/// so the client reconnects elsewhere and graceful shutdown is not held up.
+/// Ends a long-lived response stream with UNAVAILABLE once `stop` fires, so
+/// the client reconnects elsewhere and graceful shutdown is not held up.
 fn until_stopped<T: Send + 'static>(
     stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
-    stopping: CancellationToken,
+    stop: CancellationToken,
 ) -> RpcStream<T> {
     let stream = Box::pin(stream);
     Box::pin(futures::stream::unfold(
-        Some((stream, stopping)),
+        Some((stream, stop)),
         |state| async move {
-            let (mut stream, stopping) = state?;
+            let (mut stream, stop) = state?;
             tokio::select! {
                 biased;
-                () = stopping.cancelled() => {
+                () = stop.cancelled() => {
                     let status: Status = Error::ShuttingDown.into();
                     tracing::debug!(code = code_name(status.code()), "ending stream: shutting down");
                     Some((Err(status), None))
                 }
                 item = stream.next() => match item {
-                    Some(Ok(item)) => Some((Ok(item), Some((stream, stopping)))),
+                    Some(Ok(item)) => Some((Ok(item), Some((stream, stop)))),
                     Some(Err(status)) => Some((Err(status), None)),
                     None => None,
                 },

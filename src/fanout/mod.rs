@@ -4,9 +4,10 @@
 //! network, so a cluster that includes itself cannot deadlock on itself) and
 //! to every other peer over that peer's [`PeerLink`]. Each remote hop runs as
 //! its own task with its own deadline, so one slow, hung or dead peer delays
-//! nobody else. Broadcast returns as soon as the ack policy is decided; hops
-//! still in flight finish in the background, owned by the fan-out's task
-//! tracker, which shutdown drains.
+//! nobody else. Broadcast returns as soon as the ack policy is met, or, once
+//! it cannot be, when every hop has answered or timed out (so every receipt
+//! is final); hops still in flight after a met policy finish in the
+//! background, owned by the fan-out's task tracker, which shutdown drains.
 
 pub mod budget;
 mod health;
@@ -21,10 +22,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use self::policy::{Tally, Verdict};
 use self::redelivery::Redelivery;
@@ -267,8 +271,11 @@ impl FanOut {
                 sequence: delivered.sequence,
                 duplicate: delivered.duplicate,
             }),
-            // Only a closed replica refuses its own deliveries.
-            Err(_) => Err(HopError::ShuttingDown),
+            Err(Error::ShuttingDown) => Err(HopError::ShuttingDown),
+            Err(other) => Err(HopError::Rejected {
+                code: tonic::Status::from(other).code(),
+                message: "local delivery failed".into(),
+            }),
         };
         if !traced {
             return to_receipt(deliver_locally(&self.local, &self.metrics, message, false));
@@ -292,21 +299,53 @@ impl FanOut {
 
     /// Retries what live peers missed, every [`REDELIVERY_TICK`], until
     /// `closing`. Owned by the caller (the server), which awaits it.
+    ///
+    /// Each peer's redelivery runs as its own task on its own schedule: a
+    /// peer that does not answer (its probe waits out the peer timeout) is
+    /// skipped by later ticks until that attempt ends, and never holds up the
+    /// redeliveries to the others.
     pub fn spawn_redelivery(self: &Arc<Self>, closing: CancellationToken) -> tokio::task::JoinHandle<()> {
         let fanout = self.clone();
         let task = async move {
+            let mut tick = tokio::time::interval(REDELIVERY_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut attempts = JoinSet::new();
+            let mut busy: HashMap<tokio::task::Id, SocketAddr> = HashMap::new();
             loop {
                 tokio::select! {
-                    () = tokio::time::sleep(REDELIVERY_TICK) => {}
+                    _ = tick.tick() => {}
+                    Some(done) = attempts.join_next_with_id() => {
+                        let id = match done {
+                            Ok((id, ())) => id,
+                            Err(error) => {
+                                error!(%error, "a redelivery attempt failed");
+                                error.id()
+                            }
+                        };
+                        busy.remove(&id);
+                        continue;
+                    }
                     () = closing.cancelled() => break,
                 }
-                // All peers at once: one unreachable peer must not slow the others.
-                let peers = fanout.redelivery.peers();
-                let round = futures::future::join_all(peers.into_iter().map(|p| fanout.redeliver_to(p)));
-                tokio::select! {
-                    _ = round => {}
-                    () = closing.cancelled() => break,
+                for peer in fanout.redelivery.peers() {
+                    if busy.values().any(|p| *p == peer) {
+                        continue;
+                    }
+                    let fanout = fanout.clone();
+                    let handle = attempts.spawn(async move { fanout.redeliver_to(peer).await });
+                    busy.insert(handle.id(), peer);
                 }
+            }
+            // Attempts in flight hold messages taken from the queue: let them
+            // finish (each is bounded by the peer timeout) so what they could
+            // not deliver is counted below.
+            if tokio::time::timeout(fanout.peer_timeout * 2, async {
+                while attempts.join_next().await.is_some() {}
+            })
+            .await
+            .is_err()
+            {
+                attempts.abort_all();
             }
             let left = fanout.redelivery.len();
             if left > 0 {

@@ -11,7 +11,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::process::{Child, Command};
@@ -24,13 +24,17 @@ pub const HEADLESS: &str = "replicast-headless.faults.test";
 /// the pid of the run that created it.
 const PREFIX: &str = "rcf";
 
+/// The replicas' --broadcast-timeout: the deadline of a Broadcast whose
+/// caller sets none (the suite's clients do not).
+pub const BROADCAST_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What every replica is started with: timings short enough for a suite
 /// that runs in minutes, shaped like a production configuration.
 pub const REPLICA_FLAGS: &[&str] = &[
     "--peer-timeout",
     "1s",
     "--broadcast-timeout",
-    "2s",
+    "2s", // BROADCAST_TIMEOUT
     "--refresh-interval",
     "500ms",
     "--drain-timeout",
@@ -98,33 +102,27 @@ impl Lab {
             slot < 10,
             "a lab has at most 10 hosts (interface names are short)"
         );
-        let host = Host {
-            netns: format!("{}-{slot}", self.id),
-            veth: format!("{}h{slot}", self.id),
+        let netns = format!("{}-{slot}", self.id);
+        let veth = format!("{}h{slot}", self.id);
+        let address = format!("{}/24", self.ip(slot));
+        // Known to Drop before anything exists, so a failure below leaves
+        // nothing behind.
+        self.hosts.push(Host {
+            netns: netns.clone(),
+            veth: veth.clone(),
             replica: None,
             starts: 0,
-        };
-        let address = format!("{}/24", self.ip(slot));
-        ip(&["netns", "add", &host.netns]).await;
+        });
+        ip(&["netns", "add", &netns]).await;
         ip(&[
-            "link",
-            "add",
-            &host.veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &host.netns,
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ])
         .await;
-        ip(&["link", "set", &host.veth, "master", &self.id]).await;
-        ip(&["link", "set", &host.veth, "up"]).await;
-        ip(&["-n", &host.netns, "addr", "add", &address, "dev", "eth0"]).await;
-        ip(&["-n", &host.netns, "link", "set", "eth0", "up"]).await;
-        ip(&["-n", &host.netns, "link", "set", "lo", "up"]).await;
-        self.hosts.push(host);
+        ip(&["link", "set", &veth, "master", &self.id]).await;
+        ip(&["link", "set", &veth, "up"]).await;
+        ip(&["-n", &netns, "addr", "add", &address, "dev", "eth0"]).await;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"]).await;
+        ip(&["-n", &netns, "link", "set", "lo", "up"]).await;
         slot
     }
 
@@ -200,13 +198,12 @@ impl Lab {
         child.kill().await.expect("SIGKILL the replica");
     }
 
-    /// SIGTERM, then waits (bounded) for the process to exit.
-    pub async fn terminate(&mut self, slot: usize) -> ExitStatus {
-        self.signal(slot, libc::SIGTERM);
+    /// Waits (bounded) for the replica, told to stop, to exit.
+    pub async fn wait_exit(&mut self, slot: usize) -> ExitStatus {
         let mut child = self.hosts[slot].replica.take().expect("replica running");
         tokio::time::timeout(Duration::from_secs(20), child.wait())
             .await
-            .unwrap_or_else(|_| panic!("replica {slot} still running 20 s after SIGTERM"))
+            .unwrap_or_else(|_| panic!("replica {slot} still running after 20 s"))
             .expect("wait for the replica")
     }
 
@@ -224,7 +221,8 @@ impl Lab {
         self.write_hosts_file();
         if let Some(pid) = self.dns.as_ref().and_then(Child::id) {
             // SAFETY: kill(2) with a pid we spawned and have not reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+            let result = unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+            assert_eq!(result, 0, "SIGHUP dnsmasq: {}", std::io::Error::last_os_error());
         }
     }
 
@@ -263,14 +261,31 @@ impl Lab {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = spawn_tied_to_us(command);
-        // It fails fast (port taken, bad flag) or not at all.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        if let Some(status) = child.try_wait().expect("poll dnsmasq") {
-            let output = child.wait_with_output().await.expect("dnsmasq output");
-            panic!(
-                "dnsmasq exited at start ({status}): {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
+        // Ready once it answers a query; it fails fast (port taken) or not at all.
+        let socket = tokio::net::UdpSocket::bind((self.gateway(), 0))
+            .await
+            .expect("bind a DNS client socket");
+        let query = a_query(HEADLESS);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("poll dnsmasq") {
+                let output = child.wait_with_output().await.expect("dnsmasq output");
+                panic!(
+                    "dnsmasq exited at start ({status}): {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            assert!(Instant::now() < deadline, "dnsmasq did not answer within 10 s");
+            socket
+                .send_to(&query, (self.gateway(), 53))
+                .await
+                .expect("send a DNS query");
+            let mut answer = [0u8; 512];
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(100), socket.recv(&mut answer)).await
+            {
+                break;
+            }
         }
         self.dns = Some(child);
     }
@@ -319,8 +334,24 @@ impl Drop for Lab {
             ip_blocking(&["netns", "del", &host.netns]);
         }
         ip_blocking(&["link", "del", &self.id]);
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::thread::panicking() {
+            eprintln!("full logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
+}
+
+/// A DNS query (RFC 1035) for the A records of `name`.
+fn a_query(name: &str) -> Vec<u8> {
+    // id 0x7263, recursion desired, one question.
+    let mut query = vec![0x72, 0x63, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    query
 }
 
 /// Fails with what to do when the suite cannot run here.

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
 
-use crate::ledger::{Accepted, BroadcastRecord, Ledger, Receipt};
+use crate::ledger::{Accepted, BroadcastRecord, FailedAttempt, Ledger, Receipt};
 
 /// A client gives one replica this long before trying the next: more than
 /// the replicas' --broadcast-timeout (2 s), so only a replica that cannot
@@ -70,6 +70,7 @@ impl Endpoints {
 
     fn pick(&self) -> usize {
         let routable = lock(&self.routable);
+        assert!(!routable.is_empty(), "no replica is routable");
         routable[self.next.fetch_add(1, Ordering::Relaxed) % routable.len()]
     }
 }
@@ -138,9 +139,13 @@ impl Traffic {
                     lock(&ledger).broadcasts.push(record);
                 });
                 // Reap what finished, so the set stays small.
-                while in_flight.try_join_next().is_some() {}
+                while let Some(done) = in_flight.try_join_next() {
+                    propagate_panic(done);
+                }
             }
-            while in_flight.join_next().await.is_some() {}
+            while let Some(done) = in_flight.join_next().await {
+                propagate_panic(done);
+            }
         });
     }
 
@@ -160,9 +165,18 @@ impl Traffic {
     }
 }
 
+/// A Broadcast task that panicked would leave its message unaccounted for.
+fn propagate_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = done
+        && error.is_panic()
+    {
+        std::panic::resume_unwind(error.into_panic());
+    }
+}
+
 async fn broadcast_with_retries(endpoints: &Endpoints, slot_of: &SlotOf, id: String) -> BroadcastRecord {
     let started = Instant::now();
-    let mut last_error = String::new();
+    let mut failed_attempts = Vec::new();
     for attempt in 1..=MAX_ATTEMPTS {
         let slot = endpoints.pick();
         let request = BroadcastRequest {
@@ -180,13 +194,23 @@ async fn broadcast_with_retries(endpoints: &Endpoints, slot_of: &SlotOf, id: Str
             Ok(Err(status)) => match broadcast_response_from_status(&status) {
                 Some(response) => (status.code(), response),
                 None => {
-                    last_error = format!("replica {slot}: {:?} {}", status.code(), status.message());
+                    failed_attempts.push(FailedAttempt {
+                        entry: slot,
+                        started: call_started,
+                        ended: Instant::now(),
+                        error: format!("{:?}: {}", status.code(), status.message()),
+                    });
                     retry_pause(attempt).await;
                     continue;
                 }
             },
             Err(_) => {
-                last_error = format!("replica {slot}: no answer within {ATTEMPT_TIMEOUT:?}");
+                failed_attempts.push(FailedAttempt {
+                    entry: slot,
+                    started: call_started,
+                    ended: Instant::now(),
+                    error: format!("no answer within {ATTEMPT_TIMEOUT:?}"),
+                });
                 continue;
             }
         };
@@ -194,23 +218,22 @@ async fn broadcast_with_retries(endpoints: &Endpoints, slot_of: &SlotOf, id: Str
             id,
             started,
             finished: Instant::now(),
-            attempts: attempt,
+            failed_attempts,
             accepted: Some(Accepted {
                 entry: slot,
+                started: call_started,
                 code,
                 latency: call_started.elapsed(),
                 receipts: receipts(&response, slot_of),
             }),
-            last_error,
         };
     }
     BroadcastRecord {
         id,
         started,
         finished: Instant::now(),
-        attempts: MAX_ATTEMPTS,
+        failed_attempts,
         accepted: None,
-        last_error,
     }
 }
 
@@ -228,6 +251,7 @@ fn receipts(response: &BroadcastResponse, slot_of: &SlotOf) -> Vec<Receipt> {
             slot: slot_of(&outcome.peer)
                 .unwrap_or_else(|| panic!("receipt for unknown peer {}", outcome.peer)),
             code: outcome.code,
+            sequence: outcome.sequence,
         })
         .collect()
 }

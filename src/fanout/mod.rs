@@ -397,7 +397,7 @@ impl FanOut {
         let deadline = now + self.peer_timeout;
         let results =
             futures::future::join_all(batch.iter().map(|m| link.redeliver(&m.message, deadline))).await;
-        let mut failed = Vec::new();
+        let (mut failed, mut finished) = (Vec::new(), Vec::new());
         let (mut delivered, mut already, mut rejected) = (0, 0, 0);
         for (missed, result) in batch.into_iter().zip(results) {
             match result {
@@ -406,10 +406,15 @@ impl FanOut {
                 Ok(_) => delivered += 1,
                 // The peer answered "no": retrying will not change that.
                 Err(HopError::Rejected { .. }) => rejected += 1,
-                Err(_) => failed.push(missed),
+                Err(_) => {
+                    failed.push(missed);
+                    continue;
+                }
             }
+            finished.push(missed);
         }
         self.redelivery.put_back(peer, failed);
+        self.redelivery.finish(peer, &finished);
         if delivered > 0 {
             count("delivered", delivered);
             info!(%peer, messages = delivered, "redelivered messages the peer had missed");

@@ -134,13 +134,13 @@ json_assert() {
   "$PYTHON" -c "import json, sys; r = json.load(sys.stdin); assert $1, r"
 }
 
-read -r PORT SERVE_PORT DEAD_PORT < <(free_ports 3)
+read -r PORT SERVE_PORT DEAD_PORT METRICS_PORT < <(free_ports 4)
 REPLICAS=("127.0.0.1:$PORT" "127.0.0.2:$PORT" "127.0.0.3:$PORT")
 A=${REPLICAS[0]}
 G=(grpcurl -plaintext -max-time 10)
 
-echo "smoke: $BIN dev-cluster --replicas 3 --port $PORT"
-"$BIN" dev-cluster --replicas 3 --port "$PORT" >"$LOG" 2>&1 &
+echo "smoke: $BIN dev-cluster --replicas 3 --port $PORT --metrics-port $METRICS_PORT"
+"$BIN" dev-cluster --replicas 3 --port "$PORT" --metrics-port "$METRICS_PORT" >"$LOG" 2>&1 &
 CLUSTER_PID=$!
 
 # --- readiness: every replica SERVING, polled with a deadline ---------------
@@ -226,6 +226,19 @@ cli_send() {
   [[ $out == *"3 of 3 replicas acknowledged"* ]]
 }
 check "replicast send --to ${REPLICAS[2]} --topic smoke --data hi" cli_send
+
+# Each replica's own metrics, on its own address, as each pod's.
+metrics_of_replica_3() {
+  "$PYTHON" - "http://127.0.0.3:$METRICS_PORT/metrics" <<'EOF'
+import sys, urllib.request
+text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+samples = [l.rsplit(" ", 1) for l in text.splitlines() if l and not l.startswith("#")]
+print("\n".join(l for l in text.splitlines() if l.startswith(("replicast_peers", "replicast_broadcasts_total"))))
+assert ["replicast_peers", "3"] in samples, "replicast_peers should be 3"
+assert any(k.startswith("replicast_broadcasts_total") and float(v) >= 1 for k, v in samples), "no Broadcast counted"
+EOF
+}
+check "dev-cluster --metrics-port: replica 3 serves its own /metrics (3 peers, the CLI's Broadcast)" metrics_of_replica_3
 
 # --- the Python example ------------------------------------------------------
 check "python replicast_client.py selftest" \

@@ -42,6 +42,10 @@ pub struct DevClusterArgs {
     /// Do not print deliveries (for benchmarks).
     #[arg(long)]
     pub quiet: bool,
+    /// Serve each replica's Prometheus metrics on this port of its own
+    /// address (127.0.0.N:PORT/metrics), as each pod would.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub metrics_port: Option<u16>,
 }
 
 /// Runs the cluster until Ctrl-C or SIGTERM.
@@ -62,9 +66,16 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
     let refresh_interval = humantime::format_duration(args.refresh_interval).to_string();
     let mut replicas = Vec::new();
     for listener in listeners {
-        let listen = listener.local_addr()?.to_string();
+        let listen = listener.local_addr()?;
+        let metrics = args.metrics_port.map(|port| {
+            [
+                "--metrics-listen".to_owned(),
+                SocketAddr::new(listen.ip(), port).to_string(),
+            ]
+        });
+        let listen = listen.to_string();
         let dns_server = dns.addr().to_string();
-        let serve = ServeArgs::try_parse_from([
+        let flags = [
             "serve",
             "--listen",
             &listen,
@@ -77,12 +88,18 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
             // A developer's Ctrl-C should not wait out a production drain.
             "--drain-timeout",
             "1s",
-        ])?;
+        ];
+        let serve = ServeArgs::try_parse_from(
+            flags
+                .into_iter()
+                .map(str::to_owned)
+                .chain(metrics.into_iter().flatten()),
+        )?;
         let config = Config::try_from(serve)?;
         replicas.push(ServerHandle::start_on(config, listener));
     }
 
-    print_banner(&ips, port, dns.addr());
+    print_banner(&ips, port, dns.addr(), args.metrics_port);
 
     let mut printers = JoinSet::new();
     if !args.quiet {
@@ -102,12 +119,19 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_banner(ips: &[IpAddr], port: u16, dns: SocketAddr) {
+fn print_banner(ips: &[IpAddr], port: u16, dns: SocketAddr, metrics_port: Option<u16>) {
     let first = SocketAddr::new(ips[0], port);
     let last = SocketAddr::new(ips[ips.len() - 1], port);
     println!("replicast dev-cluster: {} replicas", ips.len());
     for ip in ips {
-        println!("  replica  {}", SocketAddr::new(*ip, port));
+        match metrics_port {
+            Some(metrics) => println!(
+                "  replica  {}  metrics http://{}/metrics",
+                SocketAddr::new(*ip, port),
+                SocketAddr::new(*ip, metrics)
+            ),
+            None => println!("  replica  {}", SocketAddr::new(*ip, port)),
+        }
     }
     println!("  dns      {dns}  serving {HEADLESS} (A records, one per replica)");
     println!();

@@ -417,13 +417,19 @@ impl Session {
         let Some(reply_tx) = self.pending.remove(&ack.tag) else {
             return; // its caller gave up and the sweep dropped it
         };
-        let result = if ack.code == Code::Ok as i32 {
-            Ok(ack.response.unwrap_or_default())
-        } else {
-            Err(HopError::Rejected {
-                code: Code::from_i32(ack.code),
+        let result = match Code::from_i32(ack.code) {
+            Code::Ok => Ok(ack.response.unwrap_or_default()),
+            // The peer is closing (a frame that raced the end of its drain):
+            // not delivered, and worth retrying later, so it is queued for
+            // redelivery like any other miss.
+            Code::Unavailable => Err(HopError::Unavailable(format!(
+                "the peer refused it: {}",
+                ack.error
+            ))),
+            code => Err(HopError::Rejected {
+                code,
                 message: ack.error,
-            })
+            }),
         };
         // The caller may have timed out meanwhile; then nobody needs this.
         let _ = reply_tx.send(result);

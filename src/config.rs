@@ -104,12 +104,12 @@ pub struct ServeArgs {
     pub max_concurrent_broadcasts: usize,
 
     /// How long a message a live peer missed (timeout, reset, restart) is
-    /// retried in the background after Broadcast returned. 0 turns it off.
+    /// retried in the background, counted from the miss. 0 turns it off.
     #[arg(long, env = "REPLICAST_REDELIVERY_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
     pub redelivery_window: Duration,
 
-    /// Bytes of missed messages kept for redelivery at most; beyond, new
-    /// misses are given up (and counted).
+    /// Bytes of missed messages held for redelivery at most, waiting or
+    /// being retried; beyond, new misses are given up (and counted).
     #[arg(long, env = "REPLICAST_REDELIVERY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub redelivery_max_bytes: usize,
 
@@ -118,7 +118,9 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_METRICS_LISTEN", value_parser = parse_listen)]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// On shutdown, how long to wait for in-flight work before exiting.
+    /// On shutdown, how long the replica drains before it closes: health
+    /// NOT_SERVING and Broadcast refused, while it still accepts deliveries
+    /// from peers (whose DNS may still list it) and serves Subscribe.
     #[arg(long, env = "REPLICAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 }

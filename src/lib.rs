@@ -3,7 +3,8 @@
 //! Module map (one concern each):
 //! - [`config`]: flags and their validation.
 //! - [`discovery`]: the peer set from DNS (A/AAAA or SRV) or a static list.
-//! - [`fanout`]: Broadcast's delivery to every replica, deadlines, ack policy.
+//! - [`fanout`]: Broadcast's delivery to every replica, deadlines, ack policy,
+//!   failing peers (skipped, probed) and the redelivery of what they missed.
 //! - [`local`]: sequence numbers, dedup, replay and subscribers on one replica.
 //! - [`service`]: the thin gRPC layer; [`error`] maps failures to statuses.
 //! - [`server`]: assembly, serving and ordered shutdown.

@@ -39,9 +39,10 @@ pub enum ServeError {
 }
 
 /// Runs one replica on `listener` until `shutdown` resolves, then shuts down
-/// in order: health NOT_SERVING and long-lived streams ended, in-flight
-/// requests finished (at most `drain_timeout`), background hops drained,
-/// discovery stopped.
+/// in order: a drain of `drain_timeout` (health NOT_SERVING, Broadcast
+/// refused, deliveries and Subscribe still served), then the close (local
+/// delivery closed, streams ended after their last deliveries, what is left
+/// given the close grace), background hops drained, discovery stopped.
 pub async fn serve(
     config: Config,
     listener: TcpListener,

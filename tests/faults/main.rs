@@ -35,8 +35,9 @@ const PER_SECOND: u32 = 150;
 /// Load before the fault.
 const STEADY: Duration = Duration::from_secs(3);
 /// Load after the fault is restored: long enough for peers that marked the
-/// replica failing to probe it again (their backoff doubles from 500 ms) and
-/// for the suite to see every Broadcast acknowledged by it again.
+/// replica failing to take it back (their redelivery probes it every round;
+/// the Broadcasts' own probe backoff doubles from 500 ms) and for the suite
+/// to see every Broadcast acknowledged by it again.
 const RECOVERY: Duration = Duration::from_secs(8);
 /// How long a replica stays frozen or cut off: well past --peer-timeout
 /// (1 s), so peers time out on it, skip it and queue its messages.
@@ -364,7 +365,7 @@ async fn dns_down_then_back_and_a_replica_added_meanwhile_joins() {
     tokio::time::sleep(RECOVERY).await;
     let report = run
         .finish(
-            "5. DNS server stopped for 2 s+, then restarted; a sixth replica added to DNS meanwhile joins",
+            "5. DNS server stopped until every replica reports its peers stale, then restarted; a sixth replica added to DNS meanwhile joins",
         )
         .await;
     assert_clean(&report);

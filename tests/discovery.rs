@@ -310,18 +310,8 @@ async fn an_empty_answer_is_an_empty_set_not_an_error() {
         "no ready pods is not a failure: {view:?}"
     );
     assert!(view.peers[0].local, "a replica always lists itself");
-    let response = cluster
-        .client(0)
-        .await
-        .broadcast(broadcast(Duration::from_secs(5)))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (response.replicas, response.acked),
-        (1, 1),
-        "delivered to itself only"
-    );
+    // Delivered to itself only.
+    assert_broadcast_acked(first, 1).await;
     assert_eq!(
         health_status(first, "").await,
         ServingStatus::Serving,

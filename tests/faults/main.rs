@@ -90,6 +90,26 @@ impl Run {
         run
     }
 
+    /// Freezes (SIGSTOP) or cuts off (link down) `slot`, or undoes it.
+    async fn set_reachable(&self, slot: usize, kind: FaultKind, reachable: bool) {
+        match (kind, reachable) {
+            (FaultKind::Frozen, false) => self.lab.signal(slot, libc::SIGSTOP),
+            (FaultKind::Frozen, true) => self.lab.signal(slot, libc::SIGCONT),
+            (FaultKind::CutOff, up) => self.lab.set_link(slot, up).await,
+            (other, _) => panic!("{other:?} is not a reachability fault"),
+        }
+    }
+
+    /// Records that `slot` was under `kind` since `began`, restored now.
+    fn record_fault(&mut self, slot: usize, kind: FaultKind, began: Instant) {
+        self.faults.push(Fault {
+            slot,
+            kind,
+            began,
+            restored: Instant::now(),
+        });
+    }
+
     fn start_load(&mut self) {
         let slot_of: SlotOf = Arc::new(self.lab.slot_of());
         self.traffic.send(&self.endpoints, slot_of, PER_SECOND);
@@ -183,12 +203,7 @@ async fn kill_9_one_of_five_mid_load_then_restart_it() {
     let restarted = Instant::now();
     run.lab.start_replica(VICTIM);
     run.wait_converged(REPLICAS).await;
-    run.faults.push(Fault {
-        slot: VICTIM,
-        kind: FaultKind::Killed { restarted },
-        began,
-        restored: Instant::now(),
-    });
+    run.record_fault(VICTIM, FaultKind::Killed { restarted }, began);
 
     tokio::time::sleep(RECOVERY).await;
     let report = run
@@ -201,64 +216,50 @@ async fn kill_9_one_of_five_mid_load_then_restart_it() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root, iproute2 and dnsmasq: bash .ci/faults.sh"]
-async fn freeze_one_replica_past_the_peer_deadline_then_thaw_it() {
+/// Scenarios 2 and 3: one replica out of reach for [`FAULT`] under load
+/// (`kind`: frozen or cut off), then back. Peers time out on it, skip it and
+/// queue what it missed; it must get all of it once it is back.
+async fn one_replica_out_of_reach(n: u8, kind: FaultKind, title: &str) {
     let _one = ONE_LAB_AT_A_TIME.lock().await;
-    let mut run = Run::start(2).await;
+    let mut run = Run::start(n).await;
     run.start_load();
     tokio::time::sleep(STEADY).await;
 
     let began = Instant::now();
-    run.lab.signal(VICTIM, libc::SIGSTOP);
+    run.set_reachable(VICTIM, kind, false).await;
     tokio::time::sleep(FAULT).await;
-    run.lab.signal(VICTIM, libc::SIGCONT);
-    run.faults.push(Fault {
-        slot: VICTIM,
-        kind: FaultKind::Frozen,
-        began,
-        restored: Instant::now(),
-    });
+    run.set_reachable(VICTIM, kind, true).await;
+    run.record_fault(VICTIM, kind, began);
 
     tokio::time::sleep(RECOVERY).await;
-    let report = run
-        .finish("2. SIGSTOP one replica for 4 s (peer deadline 1 s), then SIGCONT")
-        .await;
+    let report = run.finish(title).await;
     assert_clean(&report);
     assert!(
         report.redelivered > 0,
-        "the frozen replica missed messages and got them redelivered"
+        "the replica missed messages while out of reach and got them redelivered"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, iproute2 and dnsmasq: bash .ci/faults.sh"]
+async fn freeze_one_replica_past_the_peer_deadline_then_thaw_it() {
+    one_replica_out_of_reach(
+        2,
+        FaultKind::Frozen,
+        "2. SIGSTOP one replica for 4 s (peer deadline 1 s), then SIGCONT",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, iproute2 and dnsmasq: bash .ci/faults.sh"]
 async fn cut_one_replica_off_the_network_then_restore_it() {
-    let _one = ONE_LAB_AT_A_TIME.lock().await;
-    let mut run = Run::start(3).await;
-    run.start_load();
-    tokio::time::sleep(STEADY).await;
-
-    let began = Instant::now();
-    run.lab.set_link(VICTIM, false).await;
-    tokio::time::sleep(FAULT).await;
-    run.lab.set_link(VICTIM, true).await;
-    run.faults.push(Fault {
-        slot: VICTIM,
-        kind: FaultKind::CutOff,
-        began,
-        restored: Instant::now(),
-    });
-
-    tokio::time::sleep(RECOVERY).await;
-    let report = run
-        .finish("3. cut one replica off the network (link down) for 4 s, then restore it")
-        .await;
-    assert_clean(&report);
-    assert!(
-        report.redelivered > 0,
-        "the cut-off replica missed messages and got them redelivered"
-    );
+    one_replica_out_of_reach(
+        3,
+        FaultKind::CutOff,
+        "3. cut one replica off the network (link down) for 4 s, then restore it",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,12 +290,7 @@ async fn rolling_restart_of_every_replica_under_ack_all() {
         run.lab.publish(0..REPLICAS);
         run.wait_converged(REPLICAS).await;
         run.endpoints.set_routable(0..REPLICAS);
-        run.faults.push(Fault {
-            slot,
-            kind: FaultKind::Terminated { exited },
-            began,
-            restored: Instant::now(),
-        });
+        run.record_fault(slot, FaultKind::Terminated { exited }, began);
     }
 
     tokio::time::sleep(RECOVERY).await;
@@ -354,12 +350,7 @@ async fn dns_down_then_back_and_a_replica_added_meanwhile_joins() {
     // Ready: its app subscribes, and clients may call it.
     run.traffic.subscribe(&run.endpoints, added);
     run.endpoints.set_routable(0..=added);
-    run.faults.push(Fault {
-        slot: added,
-        kind: FaultKind::Joined,
-        began,
-        restored: Instant::now(),
-    });
+    run.record_fault(added, FaultKind::Joined, began);
     run.window = Some((outage, Instant::now()));
 
     tokio::time::sleep(RECOVERY).await;

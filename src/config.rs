@@ -8,7 +8,6 @@ use std::{
 
 use crate::{
     discovery::{DiscoveryConfig, PeerSource},
-    fanout::RedeliveryConfig,
     local::LocalLimits,
 };
 
@@ -103,6 +102,12 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_MAX_CONCURRENT_BROADCASTS", default_value_t = 4096)]
     pub max_concurrent_broadcasts: usize,
 
+    /// Messages in flight on one Publish stream; beyond this the replica
+    /// stops reading the stream until one completes (backpressure, never
+    /// loss).
+    #[arg(long, env = "REPLICAST_PUBLISH_WINDOW", default_value_t = 1024)]
+    pub publish_window: usize,
+
     /// How long a message a live peer missed (timeout, reset, restart) is
     /// retried in the background, counted from the miss. 0 turns it off.
     #[arg(long, env = "REPLICAST_REDELIVERY_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -147,9 +152,14 @@ pub struct Config {
     pub peer_timeout: Duration,
     pub max_message_bytes: usize,
     pub max_concurrent_broadcasts: usize,
+    /// Messages in flight per Publish stream.
+    pub publish_window: usize,
     pub local: LocalLimits,
     pub metrics_listen: Option<SocketAddr>,
-    pub redelivery: RedeliveryConfig,
+    /// How long a missed message is retried (zero: off).
+    pub redelivery_window: Duration,
+    /// Bytes of missed messages held at most, all peers together.
+    pub redelivery_max_bytes: usize,
     pub drain_timeout: Duration,
 }
 
@@ -199,6 +209,9 @@ impl TryFrom<ServeArgs> for Config {
             ));
         }
         positive("drain-timeout", args.drain_timeout)?;
+        if args.publish_window == 0 {
+            return Err(err("publish-window", &0, "must be at least 1"));
+        }
         if args.max_concurrent_broadcasts == 0 {
             return Err(err("max-concurrent-broadcasts", &0, "must be at least 1"));
         }
@@ -270,6 +283,7 @@ impl TryFrom<ServeArgs> for Config {
             peer_timeout: args.peer_timeout,
             max_message_bytes: args.max_message_bytes,
             max_concurrent_broadcasts: args.max_concurrent_broadcasts,
+            publish_window: args.publish_window,
             local: LocalLimits {
                 replay_capacity: args.replay_capacity,
                 replay_max_bytes: args.replay_max_bytes,
@@ -279,10 +293,8 @@ impl TryFrom<ServeArgs> for Config {
             },
             drain_timeout: args.drain_timeout,
             metrics_listen: args.metrics_listen,
-            redelivery: RedeliveryConfig {
-                window: args.redelivery_window,
-                max_bytes: args.redelivery_max_bytes,
-            },
+            redelivery_window: args.redelivery_window,
+            redelivery_max_bytes: args.redelivery_max_bytes,
         })
     }
 }

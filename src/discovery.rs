@@ -12,7 +12,7 @@ use std::{
     collections::BTreeSet,
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use hickory_resolver::{
@@ -24,8 +24,6 @@ use hickory_resolver::{
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
-
-use crate::error::Error;
 
 /// Where the peer set comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,38 +138,6 @@ impl Discovery {
 impl Drop for Discovery {
     fn drop(&mut self) {
         self.stop.cancel();
-    }
-}
-
-/// Waits until the first lookup has succeeded, at most until `deadline`.
-/// Used by Broadcast: a request that arrives right after start-up waits for
-/// the peer set instead of failing or broadcasting to nobody.
-pub async fn ready_snapshot(
-    rx: &mut watch::Receiver<Arc<PeerSnapshot>>,
-    source_name: &str,
-    deadline: Instant,
-) -> Result<Arc<PeerSnapshot>, Error> {
-    let current = rx.borrow().clone();
-    if current.ready {
-        return Ok(current);
-    }
-    let started = Instant::now();
-    let waited = tokio::time::timeout_at(deadline.into(), async {
-        rx.wait_for(|s| s.ready).await.map(|s| s.clone())
-    })
-    .await;
-    match waited {
-        Ok(Ok(snapshot)) => Ok(snapshot),
-        Ok(Err(_)) => Err(Error::ShuttingDown),
-        Err(_) => Err(Error::DiscoveryNotReady {
-            source_name: source_name.to_owned(),
-            waited: started.elapsed(),
-            last_error: rx
-                .borrow()
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "no answer yet".to_owned()),
-        }),
     }
 }
 

@@ -5,7 +5,10 @@ use std::time::Duration;
 use prost::Message as _;
 use tonic::{Code, Status};
 
-use crate::{proto::v1::BroadcastResponse, validate::ValidationError};
+use crate::{
+    proto::v1::{BroadcastResponse, PublishResponse},
+    validate::ValidationError,
+};
 
 /// Everything a replicast RPC can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -75,29 +78,67 @@ pub enum Error {
     Overloaded { limit: usize },
 }
 
+impl Error {
+    /// The gRPC code of this failure.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Invalid(v) if v.is_size_limit() => Code::ResourceExhausted,
+            Error::Invalid(_) => Code::InvalidArgument,
+            Error::ReplayEvicted { .. } | Error::ResumeAhead { .. } => Code::OutOfRange,
+            Error::IncarnationChanged { .. } => Code::FailedPrecondition,
+            Error::SubscriberLagged { .. } | Error::SubscriberOverrun { .. } | Error::Overloaded { .. } => {
+                Code::ResourceExhausted
+            }
+            Error::DiscoveryNotReady { .. } | Error::ShuttingDown => Code::Unavailable,
+            Error::PolicyNotMet {
+                deadline_exceeded: true,
+                ..
+            } => Code::DeadlineExceeded,
+            Error::PolicyNotMet { .. } => Code::Unavailable,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
-        let message = err.to_string();
+        let code = err.code();
         match err {
-            Error::Invalid(v) if v.is_size_limit() => Status::resource_exhausted(message),
-            Error::Invalid(_) => Status::invalid_argument(message),
-            Error::ReplayEvicted { .. } | Error::ResumeAhead { .. } => Status::out_of_range(message),
-            Error::IncarnationChanged { .. } => Status::failed_precondition(message),
-            Error::SubscriberLagged { .. } | Error::SubscriberOverrun { .. } | Error::Overloaded { .. } => {
-                Status::resource_exhausted(message)
-            }
-            Error::DiscoveryNotReady { .. } | Error::ShuttingDown => Status::unavailable(message),
             Error::PolicyNotMet {
-                deadline_exceeded,
-                response,
-                ..
-            } => {
-                let code = if deadline_exceeded {
-                    Code::DeadlineExceeded
-                } else {
-                    Code::Unavailable
-                };
-                with_response_details(code, message, &response)
+                summary, response, ..
+            } => with_response_details(code, summary, &response),
+            other => Status::new(code, other.to_string()),
+        }
+    }
+}
+
+/// The answer to one PublishRequest: what the unary Broadcast's status
+/// would have been, with the receipts whenever there are any (in full: a
+/// stream message is not bounded like a trailer).
+pub fn publish_response(tag: u64, result: Result<BroadcastResponse, Error>) -> PublishResponse {
+    match result {
+        Ok(response) => PublishResponse {
+            tag,
+            code: 0,
+            error: String::new(),
+            response: Some(response),
+        },
+        Err(err) => {
+            let code = err.code();
+            match err {
+                Error::PolicyNotMet {
+                    summary, response, ..
+                } => PublishResponse {
+                    tag,
+                    code: code as i32,
+                    error: summary,
+                    response: Some(*response),
+                },
+                other => PublishResponse {
+                    tag,
+                    code: code as i32,
+                    error: other.to_string(),
+                    response: None,
+                },
             }
         }
     }
@@ -128,21 +169,44 @@ pub fn broadcast_response_from_status(status: &Status) -> Option<BroadcastRespon
         .and_then(|any| BroadcastResponse::decode(any.value.as_slice()).ok())
 }
 
-/// Why one hop of a fan-out failed. Reported in that peer's receipt.
+/// Why one hop of a fan-out failed. Reported in that peer's receipt, and
+/// formatted only then.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HopError {
-    #[error("no answer within {}", humantime::format_duration(Duration::from_millis(.0.as_millis() as u64)))]
+    #[error("no answer within {}", millis(*.0))]
     Timeout(Duration),
-    #[error("{0}")]
-    Unavailable(String),
+    /// The peer keeps failing; this hop was not sent (see `PeerHealth`).
+    #[error("skipped: the peer failed {failures} times in a row (last: {last}); probing it again in {}", millis(*.retry_in))]
+    Skipped {
+        failures: u32,
+        last: Box<HopError>,
+        retry_in: Duration,
+    },
+    #[error("cannot open the delivery stream: {0}")]
+    Connect(String),
+    #[error("the delivery stream broke: {0}")]
+    StreamBroken(String),
+    #[error("the peer closed the delivery stream")]
+    StreamClosed,
+    #[error("the peer acknowledged nothing on the delivery stream for {}; reopening it", seconds(*.0))]
+    Stalled(Duration),
+    #[error("the peer is not reading: {0} frames are waiting to be sent")]
+    NotReading(usize),
+    /// The peer answered UNAVAILABLE (a frame that raced the end of its
+    /// drain): not delivered, worth retrying.
+    #[error("the peer refused it: {0}")]
+    Refused(String),
+    #[error("the link task to this peer has stopped")]
+    LinkStopped,
+    /// The peer answered with a final error: retrying will not help.
     #[error("peer rejected the message: {message}")]
     Rejected { code: Code, message: String },
     #[error("this replica is shutting down")]
     ShuttingDown,
     /// This replica's own queue to the peer is full: a local overload, not
     /// the peer's failure.
-    #[error("{0}")]
-    Saturated(String),
+    #[error("the link to this peer is saturated: {0} hops are queued")]
+    Saturated(usize),
 }
 
 impl HopError {
@@ -150,10 +214,37 @@ impl HopError {
     pub fn code(&self) -> Code {
         match self {
             Self::Timeout(_) => Code::DeadlineExceeded,
-            Self::Unavailable(_) | Self::ShuttingDown | Self::Saturated(_) => Code::Unavailable,
             Self::Rejected { code, .. } => *code,
+            _ => Code::Unavailable,
         }
     }
+
+    /// A failure of the stream or the peer's moment, not of the message:
+    /// the hop is retried while its deadline allows.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect(_)
+                | Self::StreamBroken(_)
+                | Self::StreamClosed
+                | Self::Stalled(_)
+                | Self::NotReading(_)
+                | Self::Refused(_)
+        )
+    }
+
+    /// The peer may not have the message: it is kept for redelivery.
+    pub fn is_missed(&self) -> bool {
+        self.is_transient() || matches!(self, Self::Timeout(_) | Self::Skipped { .. } | Self::Saturated(_))
+    }
+}
+
+fn millis(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+}
+
+fn seconds(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(d.as_secs()))
 }
 
 /// An error and its sources, "outer: inner: root", skipping a source whose

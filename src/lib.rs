@@ -3,10 +3,14 @@
 //! Module map (one concern each):
 //! - [`config`]: flags and their validation.
 //! - [`discovery`]: the peer set from DNS (A/AAAA or SRV) or a static list.
-//! - [`fanout`]: Broadcast's delivery to every replica, deadlines, ack policy,
-//!   failing peers (skipped, probed) and the redelivery of what they missed.
+//! - [`fanout`]: Broadcast's delivery to every replica: one link task per
+//!   peer (its stream, deadlines, retries, health, and the redelivery of what
+//!   it missed), ack policy and receipts.
 //! - [`local`]: sequence numbers, dedup, replay and subscribers on one replica.
-//! - [`service`]: the thin gRPC layer; [`error`] maps failures to statuses.
+//! - [`service`]: the thin gRPC layer, [`publish`] its streaming Broadcast;
+//!   [`error`] maps failures to statuses.
+//! - [`wire`]: messages encoded once, and the wire-identical types that
+//!   carry them to peers and subscribers.
 //! - [`server`]: assembly, serving and ordered shutdown.
 //! - [`telemetry`], [`metrics`]: logs and traces; Prometheus metrics.
 //! - [`devdns`], [`loopback`]: the DNS server and address blocks that let
@@ -25,7 +29,9 @@ pub mod loopback;
 pub mod metrics;
 pub mod oversize;
 pub mod proto;
+pub mod publish;
 pub mod server;
 pub mod service;
 pub mod telemetry;
 pub mod validate;
+pub mod wire;

@@ -12,12 +12,12 @@ use tracing::{Instrument, error, info, warn};
 use crate::{
     config::Config,
     discovery::{DiscoveryError, LookupCounters, spawn_discovery},
-    fanout::{FanOut, LinkConfig},
+    fanout::{BacklogBudget, Connect, FanOut, Link, LinkConfig, PeerLink},
     local::LocalDelivery,
     metrics::{Metrics, StateCollector},
     oversize::OversizeLayer,
-    proto::{self, v1::replicast_server::ReplicastServer},
-    service::ReplicastService,
+    proto::{self, replica::replicast_server::ReplicastServer},
+    service::{ReplicastService, ServiceConfig},
     telemetry::GrpcTraceLayer,
 };
 
@@ -66,15 +66,25 @@ pub async fn serve(
         },
     )?;
     let local = Arc::new(LocalDelivery::new(config.local));
+    let link_config = LinkConfig {
+        peer_timeout: config.peer_timeout,
+        max_frame_bytes: config.max_frame_bytes(),
+        redelivery_window: config.redelivery_window,
+    };
+    let budget = BacklogBudget::new(config.redelivery_max_bytes);
+    let connect: Connect = {
+        let (budget, metrics) = (budget.clone(), metrics.clone());
+        Box::new(move |peer| {
+            Arc::new(PeerLink::spawn(peer, link_config, budget.clone(), &metrics)) as Arc<dyn Link>
+        })
+    };
     let fanout = Arc::new(FanOut::new(
         config.advertise,
         local.clone(),
-        LinkConfig {
-            connect_timeout: config.peer_timeout,
-            max_frame_bytes: config.max_frame_bytes(),
-        },
         config.max_concurrent_broadcasts,
-        config.redelivery,
+        config.peer_timeout,
+        budget,
+        connect,
         metrics.clone(),
     ));
     let stopping = CancellationToken::new();
@@ -83,7 +93,6 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
-    let redelivery = fanout.spawn_redelivery(closing_token.clone());
     let membership = spawn_membership(
         discovery.subscribe(),
         fanout.clone(),
@@ -100,23 +109,25 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let service = ReplicastService {
-        self_addr: config.advertise,
-        local: local.clone(),
-        fanout: fanout.clone(),
-        peers_rx: discovery.subscribe(),
-        source_name: discovery.source_name().to_owned(),
-        broadcast_timeout: config.broadcast_timeout,
-        peer_timeout: config.peer_timeout,
-        max_message_bytes: config.max_message_bytes,
-        metrics: metrics.clone(),
-        stopping: stopping.clone(),
-        closing: closing_token.clone(),
-    };
+    let service = ReplicastService::new(
+        ServiceConfig {
+            self_addr: config.advertise,
+            source_name: discovery.source_name().to_owned(),
+            broadcast_timeout: config.broadcast_timeout,
+            peer_timeout: config.peer_timeout,
+            max_message_bytes: config.max_message_bytes,
+            publish_window: config.publish_window,
+            stopping: stopping.clone(),
+            closing: closing_token.clone(),
+        },
+        local.clone(),
+        fanout.clone(),
+        metrics.clone(),
+    );
     let metrics_endpoint = metrics_listener.map(|listener| {
         info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
         let registry = metrics.registry(StateCollector {
-            local: service.local.clone(),
+            local: local.clone(),
             fanout: fanout.clone(),
             peers_rx: discovery.subscribe(),
         });
@@ -205,10 +216,9 @@ pub async fn serve(
     stopping.cancel();
     closing.cancel();
     local.close();
-    fanout.drain(close_grace).await;
-    if let Err(e) = redelivery.await {
-        error!(error = %e, "redelivery task failed");
-    }
+    // Hops still in flight finish (bounded), then the links stop; what
+    // their backlogs hold is given up and counted.
+    fanout.shutdown(close_grace).await;
     if let Err(e) = membership.await {
         error!(error = %e, "membership task failed");
     }
@@ -272,9 +282,8 @@ impl ServerHandle {
 
 /// Follows discovery and owns health: SERVING after the first successful
 /// lookup, NOT_SERVING as soon as `stopping` fires (one task writes health,
-/// so the two cannot race). Also drops links to peers that left the set;
-/// discovery publishes every refresh, so a link created from an older
-/// snapshot lives at most one refresh interval.
+/// so the two cannot race). Every snapshot rebuilds the fan-out's peer set:
+/// links open for peers that joined and retire for peers that left.
 fn spawn_membership(
     mut peers_rx: tokio::sync::watch::Receiver<Arc<crate::discovery::PeerSnapshot>>,
     fanout: Arc<FanOut>,
@@ -285,11 +294,12 @@ fn spawn_membership(
         let mut serving = false;
         loop {
             let snapshot = peers_rx.borrow_and_update().clone();
+            // The peer set first: a Broadcast that sees SERVING finds it.
+            fanout.update_peers(snapshot.clone());
             if snapshot.ready && !serving {
                 set_health(&health, ServingStatus::Serving).await;
                 serving = true;
             }
-            fanout.retain_links(&snapshot.peers);
             tokio::select! {
                 biased;
                 () = stopping.cancelled() => break,

@@ -4,65 +4,192 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use futures::{Stream, StreamExt};
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::{
-    discovery::{self, PeerSnapshot},
     error::{Error, code_name},
-    fanout::{Budget, FanOut, budget, deliver_locally},
+    fanout::{self, Budget, FanOut, LinkStatus, PeerSet, budget, deliver_locally},
     local::{LocalDelivery, Start, TopicFilter},
     metrics::{Metrics, OverflowLabels},
-    proto::v1::{
-        AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest,
-        DeliverResponse, Delivery, ListPeersRequest, ListPeersResponse, Message, Peer, SubscribeRequest,
-        replicast_server::Replicast,
+    proto::{
+        replica::replicast_server::Replicast,
+        v1::{
+            AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverRequest, DeliverResponse,
+            ListPeersRequest, ListPeersResponse, Message, Peer, PublishRequest, PublishResponse,
+            SubscribeRequest,
+        },
     },
+    publish::PublishStream,
     telemetry::{
         self, propagation,
-        spans::{self, Side},
+        spans::{self, SendSpan, Side},
     },
-    validate,
+    validate::{self, ValidationError},
+    wire::{EncodedDelivery, EncodedMessage, InboundFrame},
 };
 
 type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Everything the RPC handlers need, shared by all connections.
+/// The limits and lifecycle signals the RPC handlers work with.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// This replica's advertised address (the origin of its Broadcasts).
+    pub self_addr: SocketAddr,
+    /// How ListPeers and errors name the discovery source.
+    pub source_name: String,
+    /// Deadline of a Broadcast whose caller set none.
+    pub broadcast_timeout: Duration,
+    /// Cap on each hop.
+    pub peer_timeout: Duration,
+    /// Largest accepted payload.
+    pub max_message_bytes: usize,
+    /// Messages in flight per Publish stream.
+    pub publish_window: usize,
+    /// Cancelled when the replica starts draining: Broadcast and Publish are
+    /// refused with UNAVAILABLE, so clients retry on another replica.
+    pub stopping: CancellationToken,
+    /// Cancelled when the drain period is over: DeliverStreams end, and
+    /// local delivery closes (which ends Subscribe streams once flushed).
+    pub closing: CancellationToken,
+}
+
+/// Everything the RPC handlers need, shared by all connections (cheap to
+/// clone: every field is shared).
 #[derive(Debug, Clone)]
 pub struct ReplicastService {
-    pub(crate) self_addr: SocketAddr,
-    pub(crate) local: Arc<LocalDelivery>,
-    pub(crate) fanout: Arc<FanOut>,
-    pub(crate) peers_rx: watch::Receiver<Arc<PeerSnapshot>>,
-    pub(crate) source_name: String,
-    pub(crate) broadcast_timeout: std::time::Duration,
-    pub(crate) peer_timeout: std::time::Duration,
-    pub(crate) max_message_bytes: usize,
-    pub(crate) metrics: Metrics,
-    /// Cancelled when the replica starts draining: Broadcast is refused with
-    /// UNAVAILABLE, so clients retry on another replica.
-    pub(crate) stopping: CancellationToken,
-    /// Cancelled when the drain period is over: DeliverStreams end, and local
-    /// delivery closes (which ends Subscribe streams once they are flushed).
-    pub(crate) closing: CancellationToken,
+    config: Arc<ServiceConfig>,
+    local: Arc<LocalDelivery>,
+    fanout: Arc<FanOut>,
+    peer_set_rx: watch::Receiver<Arc<PeerSet>>,
+    metrics: Metrics,
 }
 
 impl ReplicastService {
-    fn check_message(&self, message: &Message) -> Result<(), Error> {
-        if message.id.is_empty() {
-            return Err(validate::ValidationError::MissingField { field: "message.id" }.into());
+    pub fn new(
+        config: ServiceConfig,
+        local: Arc<LocalDelivery>,
+        fanout: Arc<FanOut>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            config: Arc::new(config),
+            local,
+            peer_set_rx: fanout.peer_set(),
+            fanout,
+            metrics,
         }
-        validate::id(&message.id)?;
-        validate::topic(&message.topic)?;
-        validate::payload(message.payload.len(), self.max_message_bytes)?;
-        validate::headers(&message.headers)?;
-        if message.origin.is_empty() {
-            return Err(validate::ValidationError::MissingField {
+    }
+
+    /// One Broadcast, from the unary RPC or a Publish stream: validation,
+    /// encoding (once), the wait for the first peer lookup, the fan-out.
+    /// `parent` is the RPC's server span. Errors stay typed until the RPC
+    /// layer.
+    pub(crate) async fn broadcast_one(
+        &self,
+        request: BroadcastRequest,
+        caller_timeout: Option<Duration>,
+        parent: &tracing::Span,
+    ) -> Result<BroadcastResponse, Error> {
+        let arrived = Instant::now();
+        if self.config.stopping.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let budget = Budget::new(
+            arrived,
+            caller_timeout,
+            self.config.broadcast_timeout,
+            self.config.peer_timeout,
+        );
+        let policy = fanout::policy::effective(validate::ack_policy(request.ack)?);
+        validate::topic(&request.topic)?;
+        validate::payload(request.payload.len(), self.config.max_message_bytes)?;
+        validate::headers(&request.headers)?;
+        validate::id(&request.id)?;
+        // Encoded into a buffer of its own: the request's payload is a view
+        // into tonic's decode buffer, which is not kept.
+        let message = EncodedMessage::encode(Message {
+            id: if request.id.is_empty() {
+                uuid::Uuid::now_v7().to_string()
+            } else {
+                request.id
+            },
+            topic: request.topic,
+            payload: request.payload,
+            headers: request.headers,
+            origin: self.config.self_addr.to_string(),
+            sent_at: Some(SystemTime::now().into()),
+        });
+        let send_span = SendSpan::start(parent, &message, policy);
+        let mut peer_set_rx = self.peer_set_rx.clone();
+        let peers =
+            fanout::ready_peer_set(&mut peer_set_rx, &self.config.source_name, budget.deadline).await?;
+        let span = send_span.span().clone();
+        self.fanout
+            .broadcast(message, &peers, policy, budget, &send_span)
+            .instrument(span)
+            .await
+    }
+
+    /// Counts one Broadcast (unary or published) in metrics.
+    pub(crate) fn record_broadcast(&self, ack: i32, result: &Result<BroadcastResponse, Error>) {
+        self.metrics
+            .record_broadcast(outcome_label(result), ack_label(ack));
+    }
+
+    pub(crate) fn stopping(&self) -> &CancellationToken {
+        &self.config.stopping
+    }
+
+    /// Hands one message a peer sent to this replica's consumers. `parent`
+    /// is the sender's trace context, when its Broadcast is sampled.
+    fn deliver_one(
+        &self,
+        raw: Option<&[u8]>,
+        parent: Option<opentelemetry::Context>,
+    ) -> Result<DeliverResponse, Error> {
+        let raw = raw.ok_or(ValidationError::MissingField { field: "message" })?;
+        let (message, decoded) =
+            EncodedMessage::decode(raw).map_err(|e| ValidationError::MalformedMessage {
+                reason: e.to_string(),
+            })?;
+        self.check_message(&message, &decoded)?;
+        let span = match parent {
+            Some(parent) => spans::process(&message, parent),
+            None => tracing::Span::none(),
+        };
+        let id = message.id().to_owned();
+        let delivered = deliver_locally(&self.local, &self.metrics, message, &span);
+        if !span.is_disabled() {
+            match &delivered {
+                Ok(_) => spans::record_status(&span, Side::Server, tonic::Code::Ok, ""),
+                Err(error) => spans::record_status(&span, Side::Server, error.code(), &error.to_string()),
+            }
+        }
+        let delivered = delivered?;
+        Ok(DeliverResponse {
+            id,
+            sequence: delivered.sequence,
+            duplicate: delivered.duplicate,
+        })
+    }
+
+    fn check_message(&self, message: &EncodedMessage, decoded: &Message) -> Result<(), Error> {
+        if message.id().is_empty() {
+            return Err(ValidationError::MissingField { field: "message.id" }.into());
+        }
+        validate::id(message.id())?;
+        validate::topic(message.topic())?;
+        validate::payload(decoded.payload.len(), self.config.max_message_bytes)?;
+        validate::headers(&decoded.headers)?;
+        if decoded.origin.is_empty() {
+            return Err(ValidationError::MissingField {
                 field: "message.origin",
             }
             .into());
@@ -70,62 +197,17 @@ impl ReplicastService {
         Ok(())
     }
 
-    /// Broadcast, with errors still typed (for metrics) until the RPC layer.
-    async fn broadcast_inner(&self, request: Request<BroadcastRequest>) -> Result<BroadcastResponse, Error> {
-        let arrived = Instant::now();
-        if self.stopping.is_cancelled() {
-            return Err(Error::ShuttingDown);
+    fn peer_entry(&self, address: SocketAddr, status: Option<&LinkStatus>) -> Peer {
+        let status = status.cloned().unwrap_or_default();
+        Peer {
+            address: address.to_string(),
+            local: address == self.config.self_addr,
+            connected: status.connected,
+            failing_since: status.failing_since.map(Into::into),
+            last_error: status.last_error.unwrap_or_default(),
+            skipped_until: status.skipped_until.map(Into::into),
+            backlog: status.backlog as u64,
         }
-        let budget = Budget::new(
-            arrived,
-            budget::caller_timeout(request.metadata()),
-            self.broadcast_timeout,
-            self.peer_timeout,
-        );
-        let req = request.into_inner();
-        let policy = validate::ack_policy(req.ack)?;
-        validate::topic(&req.topic)?;
-        validate::payload(req.payload.len(), self.max_message_bytes)?;
-        validate::headers(&req.headers)?;
-        validate::id(&req.id)?;
-
-        let message = Message {
-            id: if req.id.is_empty() {
-                uuid::Uuid::now_v7().to_string()
-            } else {
-                req.id
-            },
-            topic: req.topic,
-            payload: req.payload,
-            headers: req.headers,
-            origin: self.self_addr.to_string(),
-            sent_at: Some(SystemTime::now().into()),
-        };
-        let span = tracing::Span::current();
-        if !span.is_disabled() {
-            span.record("messaging.system", "replicast");
-            span.record("messaging.operation.type", "send");
-            span.record("messaging.destination.name", message.topic.as_str());
-            span.record("messaging.message.id", message.id.as_str());
-        }
-        let mut peers_rx = self.peers_rx.clone();
-        let snapshot = discovery::ready_snapshot(&mut peers_rx, &self.source_name, budget.deadline).await?;
-        let policy = crate::fanout::policy::effective(policy);
-        self.fanout
-            .broadcast(message, &snapshot.peers, policy, budget)
-            .await
-    }
-
-    fn deliver_one(&self, message: Option<Message>, traced: bool) -> Result<DeliverResponse, Error> {
-        let message = message.ok_or(validate::ValidationError::MissingField { field: "message" })?;
-        self.check_message(&message)?;
-        let id = message.id.clone();
-        let delivered = deliver_locally(&self.local, &self.metrics, message, traced)?;
-        Ok(DeliverResponse {
-            id,
-            sequence: delivered.sequence,
-            duplicate: delivered.duplicate,
-        })
     }
 }
 
@@ -135,52 +217,67 @@ impl Replicast for ReplicastService {
         &self,
         request: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
-        let ack = ack_label(request.get_ref().ack);
-        let result = self.broadcast_inner(request).await;
-        self.metrics.record_broadcast(outcome_label(&result), ack);
+        let caller_timeout = budget::caller_timeout(request.metadata());
+        let request = request.into_inner();
+        let ack = request.ack;
+        let result = self
+            .broadcast_one(request, caller_timeout, &tracing::Span::current())
+            .await;
+        self.record_broadcast(ack, &result);
         result.map(Response::new).map_err(Status::from)
     }
 
+    type PublishStream = RpcStream<PublishResponse>;
+
+    async fn publish(
+        &self,
+        request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
+        let responses = PublishStream::new(
+            self.clone(),
+            request.into_inner(),
+            self.config.publish_window,
+            tracing::Span::current(),
+        );
+        Ok(Response::new(Box::pin(responses)))
+    }
+
     async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
-        let traced = spans::current_is_sampled();
-        Ok(Response::new(
-            self.deliver_one(request.into_inner().message, traced)?,
-        ))
+        let parent = spans::current_is_sampled().then(|| {
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            tracing::Span::current().context()
+        });
+        let raw = request
+            .into_inner()
+            .message
+            .map(|m| prost::Message::encode_to_vec(&m));
+        Ok(Response::new(self.deliver_one(raw.as_deref(), parent)?))
     }
 
     type DeliverStreamStream = RpcStream<DeliverAck>;
 
     async fn deliver_stream(
         &self,
-        request: Request<Streaming<DeliverFrame>>,
+        request: Request<Streaming<InboundFrame>>,
     ) -> Result<Response<Self::DeliverStreamStream>, Status> {
         let service = self.clone();
         let acks = request.into_inner().map(move |frame| {
             let frame = frame?;
-            // Each message continues the trace of the hop that sent it. An
-            // empty context means that hop was not sampled: no spans here either.
-            let traced = telemetry::tracing_enabled() && !frame.trace_context.is_empty();
-            let span = match (&frame.message, traced) {
-                (Some(message), true) => {
-                    spans::deliver(message, Some(propagation::extract_map(&frame.trace_context)))
-                }
-                _ => tracing::Span::none(),
-            };
-            let result = span.in_scope(|| service.deliver_one(frame.message, traced));
+            // Each message continues the trace of the Broadcast that sent
+            // it. An empty context means that Broadcast was not sampled: no
+            // span here either.
+            let parent = (telemetry::tracing_enabled() && !frame.trace_context.is_empty())
+                .then(|| propagation::extract_map(&frame.trace_context));
             // A bad message fails its own ack; the stream carries on.
-            Ok(match result {
-                Ok(response) => {
-                    spans::record_status(&span, Side::Server, tonic::Code::Ok, "");
-                    DeliverAck {
-                        tag: frame.tag,
-                        code: 0,
-                        error: String::new(),
-                        response: Some(response),
-                    }
-                }
+            Ok(match service.deliver_one(frame.message.as_deref(), parent) {
+                Ok(response) => DeliverAck {
+                    tag: frame.tag,
+                    code: 0,
+                    error: String::new(),
+                    response: Some(response),
+                },
                 Err(error) => {
                     let status = Status::from(error);
-                    spans::record_status(&span, Side::Server, status.code(), status.message());
                     DeliverAck {
                         tag: frame.tag,
                         code: status.code() as i32,
@@ -191,10 +288,10 @@ impl Replicast for ReplicastService {
             })
         });
         // Peers keep delivering here while this replica drains.
-        Ok(Response::new(until_stopped(acks, self.closing.clone())))
+        Ok(Response::new(until_stopped(acks, self.config.closing.clone())))
     }
 
-    type SubscribeStream = RpcStream<Delivery>;
+    type SubscribeStream = RpcStream<EncodedDelivery>;
 
     async fn subscribe(
         &self,
@@ -213,13 +310,22 @@ impl Replicast for ReplicastService {
         let subscription =
             self.local
                 .subscribe_from(TopicFilter::new(&req.topics), start, req.incarnation)?;
+        let incarnation = self.local.incarnation();
         let overflows = self.metrics.subscriber_overflows.clone();
         let deliveries = futures::stream::unfold(Some(subscription), move |subscription| {
             let overflows = overflows.clone();
             async move {
                 let mut subscription = subscription?;
                 match subscription.next().await {
-                    Ok(delivery) => Some((Ok(Delivery::clone(&delivery)), Some(subscription))),
+                    // The ring's bytes, written around: no copy of the message.
+                    Ok(delivery) => Some((
+                        Ok(EncodedDelivery {
+                            sequence: delivery.sequence,
+                            message: delivery.message.bytes().clone(),
+                            incarnation,
+                        }),
+                        Some(subscription),
+                    )),
                     Err(error) => {
                         let reason = match error {
                             Error::SubscriberLagged { .. } => Some("lagged"),
@@ -243,27 +349,31 @@ impl Replicast for ReplicastService {
         &self,
         _request: Request<ListPeersRequest>,
     ) -> Result<Response<ListPeersResponse>, Status> {
-        let snapshot = self.peers_rx.borrow().clone();
-        let mut addresses = snapshot.peers.clone();
-        if !addresses.contains(&self.self_addr) {
-            addresses.push(self.self_addr);
-            addresses.sort();
-        }
+        let set = self.peer_set_rx.borrow().clone();
+        let self_addr = self.config.self_addr;
+        let mut peers: Vec<Peer> = set
+            .remotes()
+            .map(|(address, link)| self.peer_entry(address, Some(&link.status())))
+            .collect();
+        peers.push(self.peer_entry(self_addr, None));
+        peers.sort_by(|a, b| a.address.cmp(&b.address));
+        let departed = self
+            .fanout
+            .departed()
+            .into_iter()
+            .map(|(address, status)| self.peer_entry(address, Some(&status)))
+            .collect();
+        let snapshot = &set.snapshot;
         Ok(Response::new(ListPeersResponse {
-            self_: self.self_addr.to_string(),
-            peers: addresses
-                .into_iter()
-                .map(|address| Peer {
-                    address: address.to_string(),
-                    local: address == self.self_addr,
-                })
-                .collect(),
-            source: self.source_name.clone(),
+            self_: self_addr.to_string(),
+            peers,
+            source: self.config.source_name.clone(),
             resolved_at: snapshot.resolved_at.map(Into::into),
             stale: snapshot.stale,
             last_error: snapshot.last_error.clone().unwrap_or_default(),
             incarnation: self.local.incarnation(),
             last_sequence: self.local.last_sequence(),
+            departed,
         }))
     }
 }

@@ -53,6 +53,10 @@ pub enum ValidationError {
     UnknownAckPolicy { value: i32 },
     #[error("{field} is required")]
     MissingField { field: &'static str },
+    #[error("timeout must be a positive duration (or unset for --broadcast-timeout)")]
+    MalformedTimeout,
+    #[error("message is not a valid replicast.v1.Message: {reason}")]
+    MalformedMessage { reason: String },
 }
 
 impl ValidationError {

@@ -25,7 +25,8 @@ use replicast::{
     error::broadcast_response_from_status,
     proto::v1::{
         AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest,
-        DeliverResponse, Delivery, ListPeersRequest, ListPeersResponse, SubscribeRequest,
+        DeliverResponse, Delivery, ListPeersRequest, ListPeersResponse, PublishRequest, PublishResponse,
+        SubscribeRequest,
         replicast_server::{Replicast, ReplicastServer},
     },
 };
@@ -126,6 +127,15 @@ impl Replicast for FakePeer {
     }
 
     async fn list_peers(&self, _: Request<ListPeersRequest>) -> Result<Response<ListPeersResponse>, Status> {
+        Err(Status::unimplemented("test peer"))
+    }
+
+    type PublishStream = RpcStream<PublishResponse>;
+
+    async fn publish(
+        &self,
+        _: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
         Err(Status::unimplemented("test peer"))
     }
 }

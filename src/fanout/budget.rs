@@ -5,7 +5,9 @@
 //! arrives after the caller gave up is useless), and each hop gets the rest,
 //! capped by `--peer-timeout` so one hung peer costs at most that.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tonic::metadata::MetadataMap;
 

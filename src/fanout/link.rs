@@ -1,87 +1,234 @@
-//! One long-lived DeliverStream to one peer, shared by every Broadcast.
+//! The link to one peer: one task that owns everything about that peer.
 //!
-//! Why a stream and not a unary Deliver per message: on this machine one
-//! long-lived tonic bidi stream per receiver carried about 7-19x more messages
-//! per second than one unary call per message at 16-64 in flight
-//! (`shared/bench-peers/results.md`: grpc-bidi vs grpc-unary). The per-call
-//! cost of unary (new HTTP/2 stream, headers, trailers) dominates small
-//! messages.
+//! A [`PeerLink`] runs one task per peer, and that task alone holds the
+//! peer's DeliverStream, the hops in flight and their deadlines (a timer
+//! wheel, [`DelayQueue`]), their retries, the peer's [`PeerHealth`] and its
+//! [`Backlog`] of missed messages. Broadcasts only [`submit`](Link::submit)
+//! hops and read receipts from their own channel: no lock is shared between
+//! Broadcasts and the link, and nothing is spawned per hop.
 //!
-//! A [`PeerLink`] owns a task that opens the stream on first use, writes one
-//! tagged frame per hop, matches acks to hops by tag, and reopens the stream
-//! after it breaks, or when it stalls (frames taken, nothing acked). Each hop carries its own deadline, enforced by the caller
-//! of [`PeerLink::deliver`], so a hung or slow peer delays only the hops to
-//! that peer.
+//! Why one long-lived stream and not a unary Deliver per message: on this
+//! machine a long-lived tonic bidi stream per receiver carried 7-19x more
+//! messages per second than one unary call per message at 16-64 in flight
+//! (`shared/bench-peers/results.md`: grpc-bidi vs grpc-unary). Frames queued
+//! together are written together: tonic's encoder takes every frame that is
+//! ready into one buffer before it flushes.
+//!
+//! The stream is opened when the link is created (when the peer enters the
+//! peer set), so the first Broadcast to a new peer does not pay for the
+//! connection, and reopened on demand after it breaks, or when it stalls
+//! (frames taken, nothing acknowledged for twice the peer timeout).
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    time::{Duration, Instant},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
 };
 
+use futures::{StreamExt, future::BoxFuture, stream::BoxStream};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{OwnedSemaphorePermit, mpsc, watch},
     task::JoinHandle,
+    time::{Instant, Sleep},
 };
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::time::{DelayQueue, delay_queue};
 use tonic::{
-    Code, Status, Streaming,
+    Code, Status,
+    codegen::http::uri::PathAndQuery,
     transport::{Channel, Endpoint},
 };
-use tracing::{Instrument, debug};
+use tracing::{Instrument, debug, info, warn};
 
-use super::health::{Admission, PeerHealth};
+use super::{
+    backlog::{Backlog, BacklogBudget, Missed, Offered},
+    health::{Admission, PeerHealth},
+};
 use crate::{
-    error::{HopError, error_chain},
-    proto::v1::{DeliverAck, DeliverFrame, DeliverResponse, Message, replicast_client::ReplicastClient},
+    error::{HopError, code_name, error_chain},
+    metrics::{HopLabels, Metrics, PeerLabels, RedeliveryLabels},
+    proto::v1::DeliverAck,
+    telemetry::spans,
+    wire::{EncodedMessage, OutboundFrame},
 };
 
 /// Hops waiting for the link task. Beyond this, further hops to the peer
-/// fail at once with UNAVAILABLE.
-const HOP_QUEUE: usize = 1024;
+/// fail at once (the link is saturated: a local overload, not the peer's).
+const HOP_QUEUE: usize = 4096;
 /// Frames written but not yet taken by the HTTP/2 connection. A peer that
 /// stops reading (flow control) fills this, and further hops fail at once
 /// instead of piling up.
 const FRAME_QUEUE: usize = 4096;
 /// HTTP/2 keepalive ping interval, and how long a ping may go unanswered.
 const KEEPALIVE: Duration = Duration::from_secs(2);
-/// How often hops abandoned by their callers are dropped from the pending map.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Retries of one hop after a transient failure, deadline permitting.
+const MAX_RETRIES: u32 = 3;
+/// How often the backlog is looked at while it holds anything.
+const REDELIVERY_ROUND: Duration = Duration::from_millis(250);
+/// Missed messages resent per round to a peer that answers.
+const REDELIVERY_BATCH: usize = 256;
+/// The DeliverStream method.
+const DELIVER_STREAM: &str = "/replicast.v1.Replicast/DeliverStream";
 
-/// Connection settings for peer links.
+/// Connection and redelivery settings of every link.
 #[derive(Debug, Clone, Copy)]
 pub struct LinkConfig {
-    /// TCP connect timeout.
-    pub connect_timeout: Duration,
+    /// Cap on one hop, also the TCP connect timeout (`--peer-timeout`).
+    pub peer_timeout: Duration,
     /// Largest message accepted or sent on the stream.
     pub max_frame_bytes: usize,
+    /// How long a missed message is retried (`--redelivery-window`; zero: off).
+    pub redelivery_window: Duration,
 }
 
-type HopResult = Result<DeliverResponse, HopError>;
-
-struct Hop {
-    message: Message,
-    /// The hop span's W3C context, carried in the frame.
-    trace_context: HashMap<String, String>,
-    reply_tx: oneshot::Sender<HopResult>,
+/// A peer acknowledged a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acked {
+    /// The peer's sequence number for it.
+    pub sequence: u64,
+    /// The peer had it already.
+    pub duplicate: bool,
 }
 
-/// The link to one peer. Dropping the last handle stops its task.
+/// What one hop came to.
+pub type HopResult = Result<Acked, HopError>;
+
+/// One receipt, as a link reports it to its Broadcast.
 #[derive(Debug)]
-pub struct PeerLink {
-    hop_tx: mpsc::Sender<Hop>,
-    /// A hop given this long and still unanswered counts against the peer.
-    peer_timeout: Duration,
-    health: std::sync::Mutex<PeerHealth>,
-    task: JoinHandle<()>,
+pub struct HopReport {
+    /// The Broadcast's index of the peer.
+    pub slot: usize,
+    pub result: HopResult,
+    /// From the start of the fan-out.
+    pub latency: Duration,
 }
 
-impl PeerLink {
-    /// Creates the link; nothing connects until the first hop.
-    pub fn new(addr: SocketAddr, config: LinkConfig) -> Self {
+/// Where a hop's receipt goes. Holds the Broadcast's in-flight permit, so
+/// a Broadcast counts as in flight until its last hop is done, in the
+/// background too.
+#[derive(Debug)]
+pub struct ReceiptSender {
+    pub(super) tx: mpsc::Sender<HopReport>,
+    pub(super) slot: usize,
+    pub(super) _permit: Arc<OwnedSemaphorePermit>,
+    /// For a sampled Broadcast: its send span, which stays open until the
+    /// last hop is done, and the peer, so a hop that fails after the
+    /// Broadcast returned still shows on the trace.
+    pub(super) late: Option<(tracing::Span, SocketAddr)>,
+}
+
+impl ReceiptSender {
+    /// Reports the receipt. The channel has room for every receipt of its
+    /// Broadcast, so this never waits; it fails only when the Broadcast
+    /// has returned already: then only the trace wants to hear of a failure.
+    pub fn report(self, result: HopResult, latency: Duration) {
+        let sent = self.tx.try_send(HopReport {
+            slot: self.slot,
+            result,
+            latency,
+        });
+        if let (Err(mpsc::error::TrySendError::Closed(report)), Some((span, peer))) = (sent, &self.late)
+            && let Err(error) = &report.result
+        {
+            spans::record_late_failure(span, *peer, error);
+        }
+    }
+}
+
+/// One Broadcast's delivery to one peer.
+#[derive(Debug)]
+pub struct Hop {
+    pub message: EncodedMessage,
+    /// The W3C context of the Broadcast's send span; empty when unsampled.
+    pub trace_context: Arc<HashMap<String, String>>,
+    /// When the hop gives up.
+    pub deadline: Instant,
+    /// When the fan-out started (receipt latencies count from here).
+    pub started: Instant,
+    /// The hop got the whole `--peer-timeout`: a timeout then counts
+    /// against the peer. A hop cut short by its caller's deadline says
+    /// nothing about the peer.
+    pub full_budget: bool,
+    pub receipt: ReceiptSender,
+}
+
+/// A peer's link, as the fan-out sees it. A trait so that the fan-out's
+/// logic can be tested with fake links.
+pub trait Link: Send + Sync + std::fmt::Debug {
+    /// Hands a hop to the link. Its receipt always comes back on the hop's
+    /// channel (at once when the link cannot take it), unless the link has
+    /// stopped, in which case the Broadcast sees the channel close.
+    fn submit(&self, hop: Hop);
+    /// The link's state, for ListPeers.
+    fn status(&self) -> LinkStatus;
+    /// Whether the peer is in the peer set. A link whose peer left takes no
+    /// new hops, finishes those in flight and holds the peer's backlog for
+    /// the redelivery window, in case it comes back; once it holds nothing
+    /// its status says `idle` and the fan-out drops it.
+    fn set_member(&self, member: bool);
+    /// Stops the link (shutdown): what it holds is given up and counted.
+    /// Resolves when it has stopped.
+    fn stop(&self) -> BoxFuture<'static, ()>;
+}
+
+/// Whether the peer is in the peer set, as the fan-out tells its link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Membership {
+    Member,
+    Retiring,
+    Stopping,
+}
+
+/// What ListPeers shows of a link.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// A DeliverStream to the peer is open.
+    pub connected: bool,
+    /// Since when the peer has been failing (set from the first failure of
+    /// a run; cleared by an answer).
+    pub failing_since: Option<SystemTime>,
+    /// The last failure, while failing.
+    pub last_error: Option<String>,
+    /// Until when hops are skipped, while the peer is skipped.
+    pub skipped_until: Option<SystemTime>,
+    /// Missed messages waiting for redelivery to this peer.
+    pub backlog: usize,
+    /// The peer left the peer set; the link stays until its backlog is done.
+    pub retiring: bool,
+    /// Retiring and holding nothing: the link can go.
+    pub idle: bool,
+}
+
+/// Opens DeliverStreams to one peer. A trait so that the link task can be
+/// tested against an in-memory peer with paused time.
+pub trait Transport: Send + 'static {
+    /// Opens a stream carrying `frames`; resolves once the peer answered
+    /// with response headers (or failed to).
+    fn open(
+        &mut self,
+        frames: ReceiverStream<OutboundFrame>,
+    ) -> BoxFuture<'static, Result<AckStream, Status>>;
+}
+
+/// The peer's acks on one stream.
+pub type AckStream = BoxStream<'static, Result<DeliverAck, Status>>;
+
+/// The real transport: tonic over HTTP/2.
+#[derive(Debug, Clone)]
+pub struct GrpcTransport {
+    grpc: tonic::client::Grpc<Channel>,
+}
+
+impl GrpcTransport {
+    /// A lazily connecting channel to `addr`.
+    pub fn new(addr: SocketAddr, config: &LinkConfig) -> Self {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .expect("a socket address is a valid URI authority")
-            .connect_timeout(config.connect_timeout)
+            .connect_timeout(config.peer_timeout)
             .tcp_nodelay(true)
             // Notice within seconds a peer that vanished without closing the
             // connection (frozen, partitioned): the connection is dropped and
@@ -91,360 +238,747 @@ impl PeerLink {
             .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE)
             .keep_alive_while_idle(true);
-        let client = ReplicastClient::new(endpoint.connect_lazy())
+        let grpc = tonic::client::Grpc::new(endpoint.connect_lazy())
             .max_decoding_message_size(config.max_frame_bytes)
             .max_encoding_message_size(config.max_frame_bytes);
-        let (hop_tx, hop_rx) = mpsc::channel(HOP_QUEUE);
-        // A root span: the link outlives the Broadcast that happened to create
-        // it, and must not keep that Broadcast's span open.
-        let span = tracing::info_span!(target: "replicast::link", parent: None, "peer_link", peer = %addr);
-        // Twice the hop deadline: by then every hop on the stream has timed out.
-        let stall_after = config.connect_timeout * 2;
-        let task = tokio::spawn(run(addr, client, hop_rx, stall_after).instrument(span));
-        Self {
-            hop_tx,
-            peer_timeout: config.connect_timeout,
-            health: std::sync::Mutex::new(PeerHealth::default()),
-            task,
-        }
-    }
-
-    /// Delivers `message` to the peer, giving up at `deadline`. A peer that
-    /// keeps failing is skipped at once (see [`PeerHealth`]); a transient
-    /// failure (UNAVAILABLE: refused, reset, stream broken) is retried with
-    /// backoff and jitter while the deadline allows. Retrying is safe: the
-    /// receiver deduplicates by id.
-    pub async fn deliver(
-        &self,
-        message: &Message,
-        trace_context: HashMap<String, String>,
-        deadline: Instant,
-    ) -> HopResult {
-        let started = Instant::now();
-        let probe = match self.lock_health().admit(started) {
-            Admission::Skip(reason) => return Err(HopError::Unavailable(reason)),
-            Admission::Send { probe } => probe,
-        };
-        // A hop cut short by its caller's deadline says nothing about the peer.
-        let full_budget =
-            deadline.saturating_duration_since(started) + Duration::from_millis(1) >= self.peer_timeout;
-        let result = self
-            .send_with_retries(message, trace_context, deadline, started)
-            .await;
-        let mut health = self.lock_health();
-        match &result {
-            // A rejection is an answer: the peer is alive.
-            Ok(_) | Err(HopError::Rejected { .. }) => health.succeeded(),
-            // Local conditions, not the peer's.
-            Err(HopError::ShuttingDown | HopError::Saturated(_)) => {}
-            Err(HopError::Timeout(_)) if !full_budget => {}
-            Err(error) => health.failed(Instant::now(), &error.to_string(), probe, rand::random()),
-        }
-        result
-    }
-
-    /// Redelivers a missed `message` from the background task. While the
-    /// peer is failing this goes through anyway, as a probe: nobody waits on
-    /// it, so it can afford to try every redelivery round, and a peer that
-    /// comes back rejoins within a round instead of after the Broadcasts'
-    /// probe backoff (which grows to 30 s). Its failures leave that backoff
-    /// alone; its success makes the peer healthy for Broadcasts too.
-    pub async fn redeliver(&self, message: &Message, deadline: Instant) -> HopResult {
-        if !self.is_failing() {
-            return self.deliver(message, HashMap::new(), deadline).await;
-        }
-        let result = self
-            .send_with_retries(message, HashMap::new(), deadline, Instant::now())
-            .await;
-        if matches!(result, Ok(_) | Err(HopError::Rejected { .. })) {
-            self.lock_health().succeeded();
-        }
-        result
-    }
-
-    /// Sends until acked, retrying transient failures (UNAVAILABLE) with
-    /// backoff and jitter while `deadline` allows.
-    async fn send_with_retries(
-        &self,
-        message: &Message,
-        trace_context: HashMap<String, String>,
-        deadline: Instant,
-        started: Instant,
-    ) -> HopResult {
-        let mut retries = 0;
-        loop {
-            let result = self
-                .send_once(message.clone(), trace_context.clone(), deadline, started)
-                .await;
-            let pause = retry_pause(retries);
-            match result {
-                Err(HopError::Unavailable(_))
-                    if retries < MAX_RETRIES && Instant::now() + pause < deadline =>
-                {
-                    retries += 1;
-                    tokio::time::sleep(pause).await;
-                }
-                result => return result,
-            }
-        }
-    }
-
-    /// One attempt: queue the hop for the link task and wait for its ack.
-    async fn send_once(
-        &self,
-        message: Message,
-        trace_context: HashMap<String, String>,
-        deadline: Instant,
-        started: Instant,
-    ) -> HopResult {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        // Never wait for queue space: a peer that cannot keep up fails its own
-        // hops at once instead of piling up waiting tasks and their messages.
-        self.hop_tx
-            .try_send(Hop {
-                message,
-                trace_context,
-                reply_tx,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => HopError::Saturated(format!(
-                    "the link to this peer is saturated: {HOP_QUEUE} hops are queued"
-                )),
-                mpsc::error::TrySendError::Closed(_) => {
-                    HopError::Unavailable("the link task to this peer has stopped".into())
-                }
-            })?;
-        match tokio::time::timeout_at(deadline.into(), reply_rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(HopError::Unavailable(
-                "the link to the peer closed before it answered".into(),
-            )),
-            Err(_) => Err(HopError::Timeout(deadline.saturating_duration_since(started))),
-        }
-    }
-
-    /// Whether hops to this peer are being skipped.
-    pub fn is_failing(&self) -> bool {
-        self.lock_health().is_failing()
-    }
-
-    fn lock_health(&self) -> std::sync::MutexGuard<'_, PeerHealth> {
-        // Held for a few field updates, never across an await.
-        self.health.lock().unwrap_or_else(|p| p.into_inner())
+        Self { grpc }
     }
 }
 
-/// Retries of one hop after a transient failure, deadline permitting.
-const MAX_RETRIES: u32 = 3;
+impl Transport for GrpcTransport {
+    fn open(
+        &mut self,
+        frames: ReceiverStream<OutboundFrame>,
+    ) -> BoxFuture<'static, Result<AckStream, Status>> {
+        let mut grpc = self.grpc.clone();
+        Box::pin(async move {
+            grpc.ready()
+                .await
+                .map_err(|e| Status::unavailable(error_chain(&e)))?;
+            let response = grpc
+                .streaming(
+                    tonic::Request::new(frames),
+                    PathAndQuery::from_static(DELIVER_STREAM),
+                    tonic_prost::ProstCodec::<OutboundFrame, DeliverAck>::default(),
+                )
+                .await?;
+            Ok(response.into_inner().boxed())
+        })
+    }
+}
 
-/// 10 ms, 20 ms, 40 ms…, each 0.5x to 1.5x at random.
-fn retry_pause(retry: u32) -> Duration {
-    Duration::from_millis(10 << retry.min(6)).mul_f64(0.5 + rand::random::<f64>())
+/// The handle of one peer's link task. Dropping it stops the task at once;
+/// [`Link::retire`] lets it finish first.
+#[derive(Debug)]
+pub struct PeerLink {
+    hop_tx: mpsc::Sender<Hop>,
+    membership_tx: watch::Sender<Membership>,
+    status_rx: watch::Receiver<LinkStatus>,
+    task: JoinHandle<()>,
+}
+
+impl PeerLink {
+    /// Starts the link to `addr` over gRPC, opening its stream at once.
+    pub fn spawn(
+        addr: SocketAddr,
+        config: LinkConfig,
+        budget: Arc<BacklogBudget>,
+        metrics: &Metrics,
+    ) -> Self {
+        Self::spawn_with(addr, GrpcTransport::new(addr, &config), config, budget, metrics)
+    }
+
+    /// Starts the link to `addr` over `transport`.
+    pub fn spawn_with(
+        addr: SocketAddr,
+        transport: impl Transport,
+        config: LinkConfig,
+        budget: Arc<BacklogBudget>,
+        metrics: &Metrics,
+    ) -> Self {
+        let (hop_tx, hop_rx) = mpsc::channel(HOP_QUEUE);
+        let (membership_tx, membership_rx) = watch::channel(Membership::Member);
+        let (status_tx, status_rx) = watch::channel(LinkStatus::default());
+        let task = LinkTask {
+            config,
+            transport,
+            hop_rx,
+            membership_rx,
+            status_tx,
+            hops: HashMap::new(),
+            deadlines: DelayQueue::new(),
+            retries: DelayQueue::new(),
+            session: None,
+            health: PeerHealth::default(),
+            backlog: Backlog::new(config.redelivery_window, budget),
+            redelivering: 0,
+            redelivered: 0,
+            next_tag: 0,
+            retiring: false,
+            housekeeping: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            housekeeping_at: None,
+            metrics: PeerMetrics::new(addr, metrics),
+        };
+        // A root span: the link outlives the Broadcast that happened to
+        // create it. Its target is one the trace exporter ignores.
+        let span = tracing::info_span!(target: "replicast::link", parent: None, "peer_link", peer = %addr);
+        Self {
+            hop_tx,
+            membership_tx,
+            status_rx,
+            task: tokio::spawn(task.run().instrument(span)),
+        }
+    }
+}
+
+impl Link for PeerLink {
+    fn submit(&self, hop: Hop) {
+        // Never wait for queue space: a link that cannot keep up fails its
+        // own hops at once instead of piling up Broadcasts.
+        if let Err(error) = self.hop_tx.try_send(hop) {
+            let (hop, error) = match error {
+                mpsc::error::TrySendError::Full(hop) => (hop, HopError::Saturated(HOP_QUEUE)),
+                mpsc::error::TrySendError::Closed(hop) => (hop, HopError::LinkStopped),
+            };
+            let latency = hop.started.elapsed();
+            hop.receipt.report(Err(error), latency);
+        }
+    }
+
+    fn status(&self) -> LinkStatus {
+        self.status_rx.borrow().clone()
+    }
+
+    fn set_member(&self, member: bool) {
+        self.membership_tx.send_if_modified(|state| {
+            let want = if member {
+                Membership::Member
+            } else {
+                Membership::Retiring
+            };
+            let changed = *state != want && *state != Membership::Stopping;
+            if changed {
+                *state = want;
+            }
+            changed
+        });
+    }
+
+    fn stop(&self) -> BoxFuture<'static, ()> {
+        self.membership_tx.send_replace(Membership::Stopping);
+        let mut status_rx = self.status_rx.clone();
+        // The status sender goes with the task.
+        Box::pin(async move { while status_rx.changed().await.is_ok() {} })
+    }
 }
 
 impl Drop for PeerLink {
     fn drop(&mut self) {
-        // The task would also end when `hop_tx` closes, but not while it is
-        // waiting on a hung peer; abort makes the end immediate.
+        // The task would also end when its hop channel closes, but not
+        // while it still holds a backlog; abort makes the end immediate.
         self.task.abort();
     }
 }
 
-impl std::fmt::Debug for Hop {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hop").field("id", &self.message.id).finish()
-    }
+// === impl LinkTask ===
+
+/// Per-peer metric handles, resolved once (not a label String per hop).
+struct PeerMetrics {
+    metrics: Metrics,
+    peer: String,
+    latency: Histogram,
+    results: Vec<(&'static str, Counter)>,
 }
 
-/// The link task: (re)open the stream when there is work, then pump frames
-/// and acks until the stream breaks.
-async fn run(
-    addr: SocketAddr,
-    client: ReplicastClient<Channel>,
-    mut hop_rx: mpsc::Receiver<Hop>,
-    stall_after: Duration,
-) {
-    let mut next_tag: u64 = 0;
-    loop {
-        let Some(first) = next_live_hop(&mut hop_rx).await else {
+impl PeerMetrics {
+    fn new(addr: SocketAddr, metrics: &Metrics) -> Self {
+        let peer = addr.to_string();
+        Self {
+            latency: metrics
+                .hop_latency
+                .get_or_create_owned(&PeerLabels { peer: peer.clone() }),
+            metrics: metrics.clone(),
+            peer,
+            results: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, result: &HopResult, latency: Duration) {
+        self.latency.observe(latency.as_secs_f64());
+        let label = match result {
+            Ok(acked) if acked.duplicate => "duplicate",
+            Ok(_) => "delivered",
+            Err(error) => code_name(error.code()),
+        };
+        if let Some((_, counter)) = self.results.iter().find(|(l, _)| *l == label) {
+            counter.inc();
             return;
-        };
-        let (frame_tx, frame_rx) = mpsc::channel(FRAME_QUEUE);
-        let mut session = Session {
-            frame_tx,
-            pending: HashMap::new(),
-            unanswered_since: None,
-            stall_after,
-        };
-        session.send(first, &mut next_tag);
-        // The call resolves once the peer answers with response headers. The
-        // first frame is already queued; if opening fails, it fails with it.
-        let mut stream_client = client.clone();
-        let opened = tokio::select! {
-            opened = stream_client.deliver_stream(ReceiverStream::new(frame_rx)) => opened,
-            // Every hop waiting on the open was abandoned (deadline passed):
-            // give up on this attempt rather than wait on a hung peer forever.
-            () = session.all_abandoned() => {
-                debug!(%addr, "opening the delivery stream timed out");
-                continue;
-            }
-        };
-        let acks = match opened {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                debug!(%addr, %status, "cannot open the delivery stream");
-                session.fail_all(&hop_error(&status, "cannot open the delivery stream"));
-                continue;
-            }
-        };
-        let reason = session.pump(&mut hop_rx, acks, &mut next_tag).await;
-        match reason {
-            None => return,
-            Some(error) => {
-                debug!(%addr, %error, "delivery stream ended");
-                session.fail_all(&error);
-            }
+        }
+        let counter = self.metrics.hops.get_or_create_owned(&HopLabels {
+            peer: self.peer.clone(),
+            result: label,
+        });
+        counter.inc();
+        self.results.push((label, counter));
+    }
+
+    fn redelivery(&self, result: &'static str, n: usize) {
+        if n > 0 {
+            self.metrics
+                .redeliveries
+                .get_or_create(&RedeliveryLabels { result })
+                .inc_by(n as u64);
         }
     }
 }
 
-/// The next hop whose caller is still waiting; `None` when the link is closed.
-async fn next_live_hop(hop_rx: &mut mpsc::Receiver<Hop>) -> Option<Hop> {
-    loop {
-        let hop = hop_rx.recv().await?;
-        if !hop.reply_tx.is_closed() {
-            return Some(hop);
-        }
-    }
+/// Why a hop is in flight.
+enum Purpose {
+    /// A Broadcast waits for it.
+    Broadcast {
+        receipt: ReceiptSender,
+        started: Instant,
+        full_budget: bool,
+        /// Admitted as the one probe of a failing peer.
+        probe: bool,
+    },
+    /// A missed message being resent; nobody waits.
+    Redelivery { missed_at: Instant },
 }
 
-/// One open (or opening) DeliverStream.
+/// One hop in flight, keyed by its tag. A retry reuses the tag: tags only
+/// need to be unique on one stream, and a retry always goes out on a new
+/// stream or after its previous frame failed.
+struct HopState {
+    message: EncodedMessage,
+    trace_context: Arc<HashMap<String, String>>,
+    purpose: Purpose,
+    /// When this attempt began (timeouts report time since then).
+    attempt_started: Instant,
+    deadline_key: delay_queue::Key,
+    retry_key: Option<delay_queue::Key>,
+    retries: u32,
+    /// Its frame is on the current stream, waiting for an ack.
+    sent: bool,
+}
+
+/// One open or opening DeliverStream.
 struct Session {
-    frame_tx: mpsc::Sender<DeliverFrame>,
-    pending: HashMap<u64, oneshot::Sender<HopResult>>,
-    /// When the first frame not yet followed by any ack was sent.
-    unanswered_since: Option<Instant>,
-    /// A stream that takes frames but acks none of them for this long is
-    /// given up and reopened: the peer's end of it is stuck even though the
+    frame_tx: mpsc::Sender<OutboundFrame>,
+    acks: SessionAcks,
+    /// When the first frame not yet followed by any ack was sent. A stream
+    /// that takes frames but acks none for twice the peer timeout is given
+    /// up and reopened: the peer's end of it is stuck even though the
     /// connection (which keepalive watches) is alive.
-    stall_after: Duration,
+    unanswered_since: Option<Instant>,
 }
 
-impl Session {
-    fn send(&mut self, hop: Hop, next_tag: &mut u64) {
-        *next_tag += 1;
-        let tag = *next_tag;
-        let frame = DeliverFrame {
-            tag,
-            message: Some(hop.message),
-            trace_context: hop.trace_context,
-        };
-        match self.frame_tx.try_send(frame) {
-            Ok(()) => {
-                self.pending.insert(tag, hop.reply_tx);
-                self.unanswered_since.get_or_insert_with(Instant::now);
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let _ = hop.reply_tx.send(Err(HopError::Unavailable(format!(
-                    "the peer is not reading: {FRAME_QUEUE} frames are waiting to be sent"
-                ))));
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                let _ = hop
-                    .reply_tx
-                    .send(Err(HopError::Unavailable("the delivery stream closed".into())));
-            }
-        }
-    }
+enum SessionAcks {
+    Opening(BoxFuture<'static, Result<AckStream, Status>>),
+    Open(AckStream),
+}
 
-    /// Resolves when no caller is waiting on this session any more.
-    async fn all_abandoned(&mut self) {
-        let mut sweep = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            sweep.tick().await;
-            self.pending.retain(|_, reply_tx| !reply_tx.is_closed());
-            if self.pending.is_empty() {
-                return;
-            }
-        }
-    }
+/// What happened on the stream.
+enum SessionEvent {
+    Opened(AckStream),
+    Ack(DeliverAck),
+    Ended(HopError),
+}
 
-    /// Moves hops to the stream and acks to their callers. Returns `None` when
-    /// the link was closed, or why the stream ended.
-    async fn pump(
-        &mut self,
-        hop_rx: &mut mpsc::Receiver<Hop>,
-        mut acks: Streaming<DeliverAck>,
-        next_tag: &mut u64,
-    ) -> Option<HopError> {
-        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+struct LinkTask<T> {
+    config: LinkConfig,
+    transport: T,
+    hop_rx: mpsc::Receiver<Hop>,
+    membership_rx: watch::Receiver<Membership>,
+    status_tx: watch::Sender<LinkStatus>,
+    hops: HashMap<u64, HopState>,
+    deadlines: DelayQueue<u64>,
+    retries: DelayQueue<u64>,
+    session: Option<Session>,
+    health: PeerHealth,
+    backlog: Backlog,
+    /// Redelivery hops in flight: one batch at a time.
+    redelivering: usize,
+    /// Redelivered since the last log line (one line per round, not per message).
+    redelivered: usize,
+    next_tag: u64,
+    /// Out of the peer set: no new hops; stop once nothing is held.
+    retiring: bool,
+    /// Redelivery rounds and the stall check.
+    housekeeping: Pin<Box<Sleep>>,
+    housekeeping_at: Option<Instant>,
+    metrics: PeerMetrics,
+}
+
+impl<T: Transport> LinkTask<T> {
+    async fn run(mut self) {
+        self.open_session();
         loop {
             tokio::select! {
-                hop = hop_rx.recv() => match hop {
-                    Some(hop) if !hop.reply_tx.is_closed() => self.send(hop, next_tag),
-                    Some(_abandoned) => {}
-                    None => return None,
+                hop = self.hop_rx.recv() => match hop {
+                    Some(hop) => self.on_hop(hop),
+                    // Every handle is gone.
+                    None => break,
                 },
-                ack = acks.message() => match ack {
-                    Ok(Some(ack)) => {
-                        self.unanswered_since = None;
-                        self.complete(ack);
+                changed = self.membership_rx.changed() => {
+                    let membership = *self.membership_rx.borrow_and_update();
+                    if changed.is_err() || membership == Membership::Stopping {
+                        break;
                     }
-                    Ok(None) => return Some(HopError::Unavailable("the peer closed the delivery stream".into())),
-                    // The stream as a whole failed: every pending hop may be
-                    // retried, whatever the code (it is not about one message).
-                    Err(status) => return Some(HopError::Unavailable(format!(
-                        "the delivery stream broke: {}",
-                        status.message()
-                    ))),
+                    self.retiring = membership == Membership::Retiring;
+                }
+                Some(expired) = next_expired(&mut self.deadlines) => self.on_deadline(expired.into_inner()),
+                Some(retry) = next_expired(&mut self.retries) => self.on_retry(retry.into_inner()),
+                event = next_event(&mut self.session) => self.on_session_event(event),
+                () = &mut self.housekeeping, if self.housekeeping_at.is_some() => {
+                    self.housekeeping_at = None;
+                    self.housekeep();
+                }
+            }
+            self.schedule_housekeeping();
+            self.publish_status();
+        }
+        // Broadcasts still waiting see their receipt channel close, and
+        // report these hops as pending.
+        self.hops.clear();
+        self.give_up_backlog("shutting down");
+    }
+
+    fn on_hop(&mut self, hop: Hop) {
+        let now = Instant::now();
+        let probe = match self.health.admit(now) {
+            Admission::Send { probe } => probe,
+            Admission::Skip { failures, retry_in } => {
+                let error = self.health.skipped(failures, retry_in);
+                self.hold(hop.message.clone(), now);
+                self.report(hop.receipt, Err(error), hop.started);
+                return;
+            }
+        };
+        let tag = self.next_tag();
+        let deadline_key = self.deadlines.insert_at(tag, hop.deadline);
+        self.hops.insert(
+            tag,
+            HopState {
+                message: hop.message,
+                trace_context: hop.trace_context,
+                purpose: Purpose::Broadcast {
+                    receipt: hop.receipt,
+                    started: hop.started,
+                    full_budget: hop.full_budget,
+                    probe,
                 },
-                _ = sweep.tick() => {
-                    self.pending.retain(|_, reply_tx| !reply_tx.is_closed());
-                    if let Some(since) = self.unanswered_since
-                        && since.elapsed() > self.stall_after
-                    {
-                        return Some(HopError::Unavailable(format!(
-                            "the peer acknowledged nothing on the delivery stream for {}; reopening it",
-                            humantime::format_duration(Duration::from_secs(since.elapsed().as_secs()))
-                        )));
+                attempt_started: now,
+                deadline_key,
+                retry_key: None,
+                retries: 0,
+                sent: false,
+            },
+        );
+        self.send(tag);
+    }
+
+    fn next_tag(&mut self) -> u64 {
+        self.next_tag += 1;
+        self.next_tag
+    }
+
+    /// Writes hop `tag`'s frame to the stream, opening one if needed.
+    fn send(&mut self, tag: u64) {
+        if self.session.is_none() {
+            self.open_session();
+        }
+        let (Some(session), Some(hop)) = (self.session.as_mut(), self.hops.get_mut(&tag)) else {
+            return;
+        };
+        let frame = OutboundFrame {
+            tag,
+            message: hop.message.bytes().clone(),
+            trace_context: (*hop.trace_context).clone(),
+        };
+        match session.frame_tx.try_send(frame) {
+            Ok(()) => {
+                hop.sent = true;
+                session.unanswered_since.get_or_insert_with(Instant::now);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.on_transient(tag, HopError::NotReading(FRAME_QUEUE));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // The stream is gone; the next send opens another.
+                self.session = None;
+                self.on_transient(tag, HopError::StreamClosed);
+            }
+        }
+    }
+
+    fn open_session(&mut self) {
+        let (frame_tx, frame_rx) = mpsc::channel(FRAME_QUEUE);
+        self.session = Some(Session {
+            frame_tx,
+            acks: SessionAcks::Opening(self.transport.open(ReceiverStream::new(frame_rx))),
+            unanswered_since: None,
+        });
+    }
+
+    fn on_session_event(&mut self, event: SessionEvent) {
+        match event {
+            SessionEvent::Opened(acks) => {
+                if let Some(session) = self.session.as_mut() {
+                    session.acks = SessionAcks::Open(acks);
+                }
+            }
+            SessionEvent::Ack(ack) => self.on_ack(ack),
+            SessionEvent::Ended(error) => self.end_session(error),
+        }
+    }
+
+    /// The stream failed: every hop on it may be retried, whatever the
+    /// cause (it is not about one message).
+    fn end_session(&mut self, error: HopError) {
+        debug!(%error, "delivery stream ended");
+        self.session = None;
+        let on_stream: Vec<u64> = self
+            .hops
+            .iter()
+            .filter(|(_, hop)| hop.sent)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in on_stream {
+            self.on_transient(tag, error.clone());
+        }
+    }
+
+    fn on_ack(&mut self, ack: DeliverAck) {
+        if let Some(session) = self.session.as_mut() {
+            session.unanswered_since = None;
+        }
+        if !self.hops.get(&ack.tag).is_some_and(|hop| hop.sent) {
+            return; // timed out meanwhile
+        }
+        match Code::from_i32(ack.code) {
+            Code::Ok => {
+                let response = ack.response.unwrap_or_default();
+                self.finish(
+                    ack.tag,
+                    Ok(Acked {
+                        sequence: response.sequence,
+                        duplicate: response.duplicate,
+                    }),
+                );
+            }
+            // The peer is closing (a frame that raced the end of its drain):
+            // not delivered, and worth retrying.
+            Code::Unavailable => self.on_transient(ack.tag, HopError::Refused(ack.error)),
+            code => self.finish(
+                ack.tag,
+                Err(HopError::Rejected {
+                    code,
+                    message: ack.error,
+                }),
+            ),
+        }
+    }
+
+    /// A failure worth retrying: retry after a pause if the deadline
+    /// allows, else the hop fails with it.
+    fn on_transient(&mut self, tag: u64, error: HopError) {
+        let now = Instant::now();
+        let Some(hop) = self.hops.get_mut(&tag) else {
+            return;
+        };
+        hop.sent = false;
+        let pause = retry_pause(hop.retries);
+        let deadline = self.deadlines.deadline(&hop.deadline_key);
+        if hop.retries < MAX_RETRIES && now + pause < deadline {
+            hop.retries += 1;
+            hop.retry_key = Some(self.retries.insert_at(tag, now + pause));
+            return;
+        }
+        self.finish(tag, Err(error));
+    }
+
+    fn on_retry(&mut self, tag: u64) {
+        if let Some(hop) = self.hops.get_mut(&tag) {
+            hop.retry_key = None;
+            hop.attempt_started = Instant::now();
+            self.send(tag);
+        }
+    }
+
+    fn on_deadline(&mut self, tag: u64) {
+        let Some(hop) = self.hops.get(&tag) else {
+            return;
+        };
+        let waited = Instant::now().saturating_duration_since(hop.attempt_started);
+        self.finish_expired(tag, Err(HopError::Timeout(waited)));
+        // An open that every hop gave up on: a hung peer. Start over rather
+        // than wait on it forever.
+        if let Some(session) = &self.session
+            && matches!(session.acks, SessionAcks::Opening(_))
+            && !self.hops.values().any(|hop| hop.sent)
+        {
+            debug!("opening the delivery stream timed out");
+            self.session = None;
+        }
+    }
+
+    /// Ends hop `tag` with `result` (its deadline has not expired).
+    fn finish(&mut self, tag: u64, result: HopResult) {
+        if let Some(hop) = self.hops.get(&tag) {
+            self.deadlines.try_remove(&hop.deadline_key);
+        }
+        self.finish_expired(tag, result);
+    }
+
+    /// Ends hop `tag` with `result`: health, metrics, backlog, receipt.
+    fn finish_expired(&mut self, tag: u64, result: HopResult) {
+        let Some(hop) = self.hops.remove(&tag) else {
+            return;
+        };
+        if let Some(key) = &hop.retry_key {
+            self.retries.try_remove(key);
+        }
+        let now = Instant::now();
+        match hop.purpose {
+            Purpose::Broadcast {
+                receipt,
+                started,
+                full_budget,
+                probe,
+            } => {
+                match &result {
+                    // A rejection is an answer: the peer is alive.
+                    Ok(_) | Err(HopError::Rejected { .. }) => self.health.succeeded(),
+                    // Local conditions, not the peer's.
+                    Err(HopError::ShuttingDown | HopError::Saturated(_) | HopError::Skipped { .. }) => {}
+                    Err(HopError::Timeout(_)) if !full_budget => {}
+                    Err(error) => self.health.failed(now, error, probe, rand::random()),
+                }
+                if let Err(error) = &result {
+                    debug!(%error, message.id = hop.message.id(), "delivery to the peer failed");
+                    if error.is_missed() {
+                        self.hold(hop.message, now);
                     }
+                }
+                self.report(receipt, result, started);
+            }
+            Purpose::Redelivery { missed_at } => {
+                self.redelivering -= 1;
+                let missed = Missed {
+                    message: hop.message,
+                    missed_at,
+                };
+                match &result {
+                    Ok(acked) => {
+                        self.health.succeeded();
+                        self.backlog.finish(&missed);
+                        if acked.duplicate {
+                            // Only its ack had been lost (or a client retry got it there).
+                            self.metrics.redelivery("already_delivered", 1);
+                        } else {
+                            self.metrics.redelivery("delivered", 1);
+                            self.redelivered += 1;
+                        }
+                    }
+                    // The peer answered "no": retrying will not change that.
+                    Err(HopError::Rejected { .. }) => {
+                        self.health.succeeded();
+                        self.backlog.finish(&missed);
+                        self.metrics.redelivery("given_up", 1);
+                        warn!(
+                            message.id = missed.message.id(),
+                            "peer rejected a redelivered message; giving up on it"
+                        );
+                    }
+                    Err(_) => self.backlog.put_back(missed),
                 }
             }
         }
     }
 
-    fn complete(&mut self, ack: DeliverAck) {
-        let Some(reply_tx) = self.pending.remove(&ack.tag) else {
-            return; // its caller gave up and the sweep dropped it
-        };
-        let result = match Code::from_i32(ack.code) {
-            Code::Ok => Ok(ack.response.unwrap_or_default()),
-            // The peer is closing (a frame that raced the end of its drain):
-            // not delivered, and worth retrying later, so it is queued for
-            // redelivery like any other miss.
-            Code::Unavailable => Err(HopError::Unavailable(format!(
-                "the peer refused it: {}",
-                ack.error
-            ))),
-            code => Err(HopError::Rejected {
-                code,
-                message: ack.error,
-            }),
-        };
-        // The caller may have timed out meanwhile; then nobody needs this.
-        let _ = reply_tx.send(result);
+    fn report(&mut self, receipt: ReceiptSender, result: HopResult, started: Instant) {
+        let latency = started.elapsed();
+        self.metrics.record(&result, latency);
+        receipt.report(result, latency);
     }
 
-    fn fail_all(&mut self, error: &HopError) {
-        for (_, reply_tx) in self.pending.drain() {
-            let _ = reply_tx.send(Err(error.clone()));
+    /// Keeps a message the peer missed for redelivery.
+    fn hold(&mut self, message: EncodedMessage, now: Instant) {
+        if self.backlog.push(message, now) == Offered::Full {
+            // Counted; never a log line per message here.
+            self.metrics.redelivery("queue_full", 1);
+        }
+    }
+
+    /// Redelivery rounds and the stall check.
+    fn housekeep(&mut self) {
+        let now = Instant::now();
+        if let Some(since) = self.session.as_ref().and_then(|s| s.unanswered_since)
+            && now.saturating_duration_since(since) > self.stall_after()
+        {
+            self.end_session(HopError::Stalled(now.saturating_duration_since(since)));
+        }
+        let expired = self.backlog.expire(now);
+        if expired > 0 {
+            self.metrics.redelivery("given_up", expired);
+            warn!(
+                messages = expired,
+                "gave up redelivering: past --redelivery-window"
+            );
+        }
+        if self.redelivered > 0 {
+            info!(
+                messages = self.redelivered,
+                "redelivered messages the peer had missed"
+            );
+            self.redelivered = 0;
+        }
+        // A peer out of the peer set (a restarting pod leaves DNS while it
+        // is not ready) is not sent to: its messages wait for the window,
+        // in case it comes back. One batch at a time: a peer that does not
+        // answer holds up only its own redelivery.
+        if self.retiring || self.redelivering > 0 {
+            return;
+        }
+        // One message is enough to find out whether a failing peer is back.
+        // It goes through as a probe even while Broadcasts skip the peer:
+        // nobody waits on it, so a peer that comes back rejoins within a
+        // round instead of after the Broadcasts' backoff (up to 30 s).
+        let limit = if self.health.is_failing() {
+            1
+        } else {
+            REDELIVERY_BATCH
+        };
+        for missed in self.backlog.take(limit) {
+            let tag = self.next_tag();
+            let deadline_key = self.deadlines.insert_at(tag, now + self.config.peer_timeout);
+            self.hops.insert(
+                tag,
+                HopState {
+                    message: missed.message,
+                    trace_context: Arc::default(),
+                    purpose: Purpose::Redelivery {
+                        missed_at: missed.missed_at,
+                    },
+                    attempt_started: now,
+                    deadline_key,
+                    retry_key: None,
+                    retries: MAX_RETRIES, // the next round is the retry
+                    sent: false,
+                },
+            );
+            self.redelivering += 1;
+            self.send(tag);
+        }
+    }
+
+    fn stall_after(&self) -> Duration {
+        // By then every hop on the stream has timed out.
+        self.config.peer_timeout * 2
+    }
+
+    /// Arms the housekeeping timer for the next thing that needs doing.
+    fn schedule_housekeeping(&mut self) {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        if self.backlog.waiting() > 0 || self.redelivered > 0 {
+            next = Some(now + REDELIVERY_ROUND);
+        }
+        if let Some(since) = self.session.as_ref().and_then(|s| s.unanswered_since) {
+            let stall = since + self.stall_after() + Duration::from_millis(1);
+            next = Some(next.map_or(stall, |n| n.min(stall)));
+        }
+        match (next, self.housekeeping_at) {
+            // Already armed for earlier (or as early): keep it.
+            (Some(want), Some(armed)) if armed <= want => {}
+            (Some(want), _) => {
+                self.housekeeping.as_mut().reset(want);
+                self.housekeeping_at = Some(want);
+            }
+            (None, _) => {}
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let connected = matches!(self.session.as_ref().map(|s| &s.acks), Some(SessionAcks::Open(_)));
+        let now = Instant::now();
+        let wall = |at: Instant| {
+            let (now_wall, at_std, now_std) = (SystemTime::now(), at.into_std(), now.into_std());
+            if at_std >= now_std {
+                now_wall + (at_std - now_std)
+            } else {
+                now_wall - (now_std - at_std)
+            }
+        };
+        let health = &self.health;
+        let backlog = self.backlog.waiting();
+        let retiring = self.retiring;
+        let idle = retiring && self.hops.is_empty() && self.backlog.is_empty();
+        self.status_tx.send_if_modified(|status| {
+            let changed = status.connected != connected
+                || status.failing_since.is_some() != health.failing_since().is_some()
+                || status.skipped_until.is_some() != health.skip_until().is_some()
+                || status.backlog != backlog
+                || status.retiring != retiring
+                || status.idle != idle
+                || (health.last_error().is_some() && status.last_error.is_none());
+            if changed {
+                *status = LinkStatus {
+                    connected,
+                    failing_since: health.failing_since().map(wall),
+                    last_error: health.last_error().map(ToString::to_string),
+                    skipped_until: health.skip_until().map(wall),
+                    backlog,
+                    retiring,
+                    idle,
+                };
+            }
+            changed
+        });
+    }
+
+    fn give_up_backlog(&mut self, why: &str) {
+        let left = self.backlog.clear();
+        if left > 0 {
+            self.metrics.redelivery("given_up", left);
+            warn!(messages = left, "{why} with missed messages not redelivered");
         }
     }
 }
 
-fn hop_error(status: &Status, context: &str) -> HopError {
-    // The transport's cause ("Connection refused") hides in the source chain.
-    let mut message = format!("{context}: {}", status.message());
+/// The next expired entry; pending (never `None`) while the queue is empty,
+/// so `select!` simply waits on the other branches.
+async fn next_expired(queue: &mut DelayQueue<u64>) -> Option<delay_queue::Expired<u64>> {
+    std::future::poll_fn(|cx: &mut Context<'_>| match queue.poll_expired(cx) {
+        Poll::Ready(None) => Poll::Pending,
+        other => other,
+    })
+    .await
+}
+
+/// The next event on the stream; pending while there is none.
+async fn next_event(session: &mut Option<Session>) -> SessionEvent {
+    let Some(session) = session else {
+        return std::future::pending().await;
+    };
+    match &mut session.acks {
+        SessionAcks::Opening(opening) => match opening.await {
+            Ok(acks) => SessionEvent::Opened(acks),
+            Err(status) => SessionEvent::Ended(open_error(&status)),
+        },
+        SessionAcks::Open(acks) => match acks.next().await {
+            Some(Ok(ack)) => SessionEvent::Ack(ack),
+            Some(Err(status)) => SessionEvent::Ended(HopError::StreamBroken(status.message().to_owned())),
+            None => SessionEvent::Ended(HopError::StreamClosed),
+        },
+    }
+}
+
+/// Why a stream could not be opened. The transport's cause ("Connection
+/// refused") hides in the status's source chain.
+fn open_error(status: &Status) -> HopError {
+    let mut message = status.message().to_owned();
     if let Some(source) = std::error::Error::source(status) {
         let cause = error_chain(source);
         if !message.ends_with(&cause) {
@@ -452,9 +986,12 @@ fn hop_error(status: &Status, context: &str) -> HopError {
         }
     }
     match status.code() {
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal => {
-            HopError::Unavailable(message)
-        }
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal => HopError::Connect(message),
         code => HopError::Rejected { code, message },
     }
+}
+
+/// 10 ms, 20 ms, 40 ms…, each 0.5x to 1.5x at random.
+fn retry_pause(retry: u32) -> Duration {
+    Duration::from_millis(10 << retry.min(6)).mul_f64(0.5 + rand::random::<f64>())
 }

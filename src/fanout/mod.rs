@@ -2,124 +2,230 @@
 //!
 //! The receiving replica delivers to itself in-process (never over the
 //! network, so a cluster that includes itself cannot deadlock on itself) and
-//! to every other peer over that peer's [`PeerLink`]. Each remote hop runs as
-//! its own task with its own deadline, so one slow, hung or dead peer delays
-//! nobody else. Broadcast returns as soon as the ack policy is met, or, once
-//! it cannot be, when every hop has answered or timed out (so every receipt
-//! is final); hops still in flight after a met policy finish in the
-//! background, owned by the fan-out's task tracker, which shutdown drains.
+//! hands a [`Hop`] to every other peer's [`Link`]: one task per peer that
+//! owns that peer's stream, deadlines, retries, health and backlog. A
+//! Broadcast only submits and then counts receipts on its own channel, so
+//! one slow, hung or dead peer delays nobody else. Broadcast returns as soon
+//! as the ack policy is met, or, once it cannot be, when every hop has
+//! answered or timed out (so every receipt is final); hops still in flight
+//! after a met policy finish in the background, in their links.
+//!
+//! The peer set and its links are one [`PeerSet`], rebuilt from each
+//! discovery snapshot by [`FanOut::update_peers`] and published on a
+//! `watch`: a peer's link opens when the peer enters the set (not on the
+//! first Broadcast), and a peer that leaves keeps its link until the
+//! messages it missed are delivered or expire.
 
+mod backlog;
 pub mod budget;
 mod health;
 mod link;
 pub mod policy;
-mod redelivery;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{
-    sync::{Semaphore, mpsc},
-    task::JoinSet,
+    sync::{Semaphore, mpsc, watch},
+    time::Instant,
 };
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::debug;
 
 use self::policy::{Tally, Verdict};
-use self::redelivery::Redelivery;
 pub use self::{
+    backlog::BacklogBudget,
     budget::Budget,
-    link::{LinkConfig, PeerLink},
-};
-use crate::{
-    error::{Error, HopError, code_name},
-    local::LocalDelivery,
-    metrics::{Metrics, RedeliveryLabels},
-    proto::v1::{AckPolicy, BroadcastResponse, DeliverResponse, Message, PeerOutcome},
-    telemetry::{
-        propagation,
-        spans::{self, Side},
+    link::{
+        Acked, GrpcTransport, Hop, HopReport, HopResult, Link, LinkConfig, LinkStatus, PeerLink,
+        ReceiptSender,
     },
 };
+use crate::{
+    discovery::PeerSnapshot,
+    error::{Error, HopError, code_name},
+    local::{Delivered, LocalDelivery},
+    metrics::Metrics,
+    proto::v1::{AckPolicy, BroadcastResponse, PeerOutcome},
+    telemetry::spans::{self, SendSpan},
+    wire::EncodedMessage,
+};
+
+/// Makes the link to a peer that entered the peer set.
+pub type Connect = Box<dyn Fn(SocketAddr) -> Arc<dyn Link> + Send + Sync>;
+
+/// The replicas a Broadcast targets: the discovery snapshot it was built
+/// from, and every other replica in it with its link.
+#[derive(Debug, Default)]
+pub struct PeerSet {
+    pub snapshot: Arc<PeerSnapshot>,
+    /// Sorted by address; this replica is not among them.
+    remotes: Vec<(SocketAddr, Arc<dyn Link>)>,
+}
+
+impl PeerSet {
+    /// The other replicas, sorted by address, with their links.
+    pub fn remotes(&self) -> impl Iterator<Item = (SocketAddr, &dyn Link)> {
+        self.remotes.iter().map(|(addr, link)| (*addr, link.as_ref()))
+    }
+}
+
+/// Waits until the first peer lookup has succeeded, at most until
+/// `deadline`. A Broadcast that arrives right after start-up waits for the
+/// peer set instead of failing or broadcasting to nobody.
+pub async fn ready_peer_set(
+    rx: &mut watch::Receiver<Arc<PeerSet>>,
+    source_name: &str,
+    deadline: Instant,
+) -> Result<Arc<PeerSet>, Error> {
+    let current = rx.borrow().clone();
+    if current.snapshot.ready {
+        return Ok(current);
+    }
+    let started = Instant::now();
+    let waited = tokio::time::timeout_at(deadline, async {
+        rx.wait_for(|set| set.snapshot.ready).await.map(|set| set.clone())
+    })
+    .await;
+    match waited {
+        Ok(Ok(set)) => Ok(set),
+        Ok(Err(_)) => Err(Error::ShuttingDown),
+        Err(_) => Err(Error::DiscoveryNotReady {
+            source_name: source_name.to_owned(),
+            waited: started.elapsed(),
+            last_error: rx
+                .borrow()
+                .snapshot
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "no answer yet".to_owned()),
+        }),
+    }
+}
 
 /// Delivers messages to the whole peer set.
-#[derive(Debug)]
 pub struct FanOut {
     self_addr: SocketAddr,
     local: Arc<LocalDelivery>,
-    links: Mutex<HashMap<SocketAddr, Arc<PeerLink>>>,
-    link_config: LinkConfig,
-    /// Owns every hop task; shutdown waits on it.
-    hops: TaskTracker,
+    metrics: Metrics,
     /// One permit per Broadcast whose hops are not all finished.
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
-    metrics: Metrics,
-    /// Messages live peers missed, retried in the background.
-    redelivery: Arc<Redelivery>,
-    /// Cap on each hop, also for redeliveries.
     peer_timeout: Duration,
+    peer_set_tx: watch::Sender<Arc<PeerSet>>,
+    /// Links of peers that left the peer set, finishing their backlog.
+    /// Only [`FanOut::update_peers`] (the membership task) touches it.
+    retiring: Mutex<HashMap<SocketAddr, Arc<dyn Link>>>,
+    connect: Connect,
+    budget: Arc<BacklogBudget>,
 }
 
-/// Redelivery settings, from the configuration.
-#[derive(Debug, Clone, Copy)]
-pub struct RedeliveryConfig {
-    /// How long a missed message is retried (`--redelivery-window`; zero: off).
-    pub window: Duration,
-    /// Bytes of missed messages kept at most (`--redelivery-max-bytes`).
-    pub max_bytes: usize,
+impl std::fmt::Debug for FanOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FanOut")
+            .field("self_addr", &self.self_addr)
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
 }
-
-/// How often the background redelivery looks at its queues.
-const REDELIVERY_TICK: Duration = Duration::from_millis(250);
-/// Missed messages retried per peer per tick.
-const REDELIVERY_BATCH: usize = 256;
 
 /// What became of one replica's delivery.
 #[derive(Debug)]
 struct Receipt {
+    peer: SocketAddr,
     local: bool,
     /// `None` while still in flight.
-    result: Option<Result<DeliverResponse, HopError>>,
+    result: Option<HopResult>,
     latency: Duration,
 }
 
 impl FanOut {
+    /// A fan-out from `self_addr` whose links to peers `connect` makes.
     pub fn new(
         self_addr: SocketAddr,
         local: Arc<LocalDelivery>,
-        link_config: LinkConfig,
         max_in_flight: usize,
-        redelivery: RedeliveryConfig,
+        peer_timeout: Duration,
+        budget: Arc<BacklogBudget>,
+        connect: Connect,
         metrics: Metrics,
     ) -> Self {
+        let (peer_set_tx, _) = watch::channel(Arc::new(PeerSet::default()));
         Self {
-            metrics,
-            redelivery: Arc::new(Redelivery::new(redelivery.window, redelivery.max_bytes)),
-            peer_timeout: link_config.connect_timeout,
             self_addr,
             local,
-            links: Mutex::new(HashMap::new()),
-            link_config,
-            hops: TaskTracker::new(),
+            metrics,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
+            peer_timeout,
+            peer_set_tx,
+            retiring: Mutex::new(HashMap::new()),
+            connect,
+            budget,
         }
     }
 
-    /// Delivers `message` to this replica and every address in `peers`, and
+    /// The current peer set, and every later one.
+    pub fn peer_set(&self) -> watch::Receiver<Arc<PeerSet>> {
+        self.peer_set_tx.subscribe()
+    }
+
+    /// Rebuilds the peer set from a discovery snapshot: links for peers
+    /// that joined (connecting at once), retirement for those that left,
+    /// and the end of retired links that hold nothing any more.
+    pub fn update_peers(&self, snapshot: Arc<PeerSnapshot>) {
+        let current = self.peer_set_tx.borrow().clone();
+        let mut links: HashMap<SocketAddr, Arc<dyn Link>> = current.remotes.iter().cloned().collect();
+        let mut retiring = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut remotes = Vec::with_capacity(snapshot.peers.len());
+        for &addr in &snapshot.peers {
+            if addr == self.self_addr || remotes.iter().any(|(a, _)| *a == addr) {
+                continue;
+            }
+            let link = match links.remove(&addr) {
+                Some(link) => link,
+                None => match retiring.remove(&addr) {
+                    Some(link) => {
+                        link.set_member(true);
+                        link
+                    }
+                    None => (self.connect)(addr),
+                },
+            };
+            remotes.push((addr, link));
+        }
+        remotes.sort_by_key(|(addr, _)| *addr);
+        for (addr, link) in links {
+            debug!(peer = %addr, "peer left the peer set; its link stays until its backlog is done");
+            link.set_member(false);
+            retiring.insert(addr, link);
+        }
+        retiring.retain(|addr, link| {
+            let keep = !link.status().idle;
+            if !keep {
+                // Per-peer series of departed pods would otherwise pile up
+                // with every rollout.
+                self.metrics.forget_peer(*addr);
+            }
+            keep
+        });
+        drop(retiring);
+        self.peer_set_tx
+            .send_replace(Arc::new(PeerSet { snapshot, remotes }));
+    }
+
+    /// Delivers `message` to this replica and every peer of `peers`, and
     /// waits for `policy` within `budget`.
     pub async fn broadcast(
         &self,
-        message: Message,
-        peers: &[SocketAddr],
+        message: EncodedMessage,
+        peers: &PeerSet,
         policy: AckPolicy,
         budget: Budget,
+        send_span: &SendSpan,
     ) -> Result<BroadcastResponse, Error> {
         // Held until the last hop of this Broadcast ends, background ones
         // included: the bound on fan-out work (and the messages it holds).
@@ -133,108 +239,80 @@ impl FanOut {
         );
         let started = Instant::now();
         let hop_deadline = budget.hop_deadline(started);
-        let traced = spans::current_is_sampled();
-        let remotes: Vec<SocketAddr> = peers.iter().copied().filter(|p| *p != self.self_addr).collect();
-        let mut tally = Tally::new(policy, remotes.len() + 1);
-        let mut receipts: BTreeMap<SocketAddr, Receipt> = BTreeMap::new();
+        // A hop cut short by the caller's deadline says nothing about the
+        // peer, and its timeout means the caller's deadline ran out.
+        let full_budget = hop_deadline + Duration::from_millis(1) >= started + self.peer_timeout;
+        let trace_context = send_span.context_map();
+        let remotes = peers.remotes.len();
+        let mut tally = Tally::new(policy, remotes + 1);
+        let mut receipts: Vec<Receipt> = Vec::with_capacity(remotes + 1);
 
-        // Start the network hops first so they overlap with local delivery.
-        // The channel has room for every receipt: a hop finishing after
-        // Broadcast returned never waits on it.
-        let (done_tx, mut done_rx) = mpsc::channel(remotes.len().max(1));
-        // One copy shared by every hop (each attempt sends its own).
-        let shared = Arc::new(message.clone());
-        for &peer in &remotes {
-            receipts.insert(
-                peer,
-                Receipt {
-                    local: false,
-                    result: None,
-                    latency: Duration::ZERO,
+        // The network hops first, so they overlap with local delivery. The
+        // channel has room for every receipt: a link never waits on it.
+        let (receipt_tx, mut receipt_rx) = mpsc::channel(remotes.max(1));
+        for (slot, (addr, link)) in peers.remotes.iter().enumerate() {
+            receipts.push(Receipt {
+                peer: *addr,
+                local: false,
+                result: None,
+                latency: Duration::ZERO,
+            });
+            link.submit(Hop {
+                message: message.clone(),
+                trace_context: trace_context.clone(),
+                deadline: hop_deadline,
+                started,
+                full_budget,
+                receipt: ReceiptSender {
+                    tx: receipt_tx.clone(),
+                    slot,
+                    _permit: permit.clone(),
+                    late: send_span
+                        .is_recording()
+                        .then(|| (send_span.span().clone(), *addr)),
                 },
-            );
-            let link = self.link(peer);
-            let hop_span = if traced {
-                spans::hop(peer, &message, false)
-            } else {
-                tracing::Span::none()
-            };
-            let trace_context = if hop_span.is_disabled() {
-                HashMap::new()
-            } else {
-                propagation::inject_map(&hop_span)
-            };
-            let message = shared.clone();
-            let done_tx = done_tx.clone();
-            let permit = permit.clone();
-            let metrics = self.metrics.clone();
-            let redelivery = self.redelivery.clone();
-            let hop = async move {
-                let result = link.deliver(&message, trace_context, hop_deadline).await;
-                record_hop(&result);
-                metrics.record_hop(peer, hop_result_label(&result), started.elapsed());
-                if let Err(HopError::Timeout(_) | HopError::Unavailable(_) | HopError::Saturated(_)) = &result
-                    && redelivery.enabled()
-                    && !redelivery.push(peer, message, Instant::now())
-                {
-                    // Counted; never a log line per message here.
-                    metrics
-                        .redeliveries
-                        .get_or_create(&RedeliveryLabels { result: "queue_full" })
-                        .inc();
-                }
-                // Fails only when Broadcast already returned; the receipt is
-                // then reported as pending, which is what happened.
-                let _ = done_tx.send((peer, result, started.elapsed())).await;
-                drop(permit);
-            };
-            self.hops.spawn(hop.instrument(hop_span));
+            });
         }
-        drop(done_tx);
+        drop(receipt_tx);
 
-        let id = message.id.clone();
-        let result = self.deliver_to_self(message, traced);
-        self.metrics
-            .record_hop(self.self_addr, hop_result_label(&result), started.elapsed());
-        if result.is_ok() {
-            tally.ack();
-        } else {
-            tally.fail();
+        let id = message.id().to_owned();
+        let local = self.deliver_to_self(message, send_span);
+        match &local {
+            Ok(_) => tally.ack(),
+            Err(_) => tally.fail(),
         }
-        receipts.insert(
-            self.self_addr,
-            Receipt {
-                local: true,
-                result: Some(result),
-                latency: started.elapsed(),
-            },
-        );
+        receipts.push(Receipt {
+            peer: self.self_addr,
+            local: true,
+            result: Some(local),
+            latency: started.elapsed(),
+        });
 
-        // A hop that timed out because the caller's own deadline bounded it
-        // means the caller's deadline ran out, not that the peer was slow
-        // against --peer-timeout.
-        let hops_bounded_by_caller = hop_deadline < started + budget.peer_timeout;
         let mut deadline_exceeded = false;
         // Ends early only when the policy is met. Once it cannot be, the
         // wait goes on for the other hops (each bounded by the hop deadline):
         // the caller gets a final receipt from every replica, which is what
         // it needs to know who has the message, rather than `pending` ones.
         while tally.verdict() != Some(Verdict::Met) && tally.outstanding() > 0 {
-            match tokio::time::timeout_at(budget.deadline.into(), done_rx.recv()).await {
-                Ok(Some((peer, result, latency))) => {
-                    match &result {
+            match tokio::time::timeout_at(budget.deadline, receipt_rx.recv()).await {
+                Ok(Some(report)) => {
+                    if let Err(error) = &report.result {
+                        // In the send span: the line carries its trace id.
+                        debug!(peer = %receipts[report.slot].peer, %error, "hop failed");
+                    }
+                    match &report.result {
                         Ok(_) => tally.ack(),
-                        Err(HopError::Timeout(_)) if hops_bounded_by_caller => {
+                        Err(HopError::Timeout(_)) if !full_budget => {
                             tally.fail();
                             deadline_exceeded = true;
                         }
                         Err(_) => tally.fail(),
                     }
-                    if let Some(receipt) = receipts.get_mut(&peer) {
-                        receipt.result = Some(result);
-                        receipt.latency = latency;
-                    }
+                    let receipt = &mut receipts[report.slot];
+                    receipt.result = Some(report.result);
+                    receipt.latency = report.latency;
                 }
+                // Every link has reported or stopped.
                 Ok(None) => break,
                 Err(_) => {
                     deadline_exceeded = true;
@@ -242,32 +320,32 @@ impl FanOut {
                 }
             }
         }
-
+        receipts.sort_by_key(|r| r.peer);
         let response = BroadcastResponse {
             id,
             replicas: receipts.len() as u32,
             acked: tally.acked() as u32,
-            outcomes: receipts.iter().map(|(peer, r)| outcome(*peer, r)).collect(),
+            outcomes: receipts.iter().map(outcome).collect(),
             ack: policy as i32,
             required: tally.required() as u32,
         };
+        send_span.record_receipts(&response);
         if tally.verdict() == Some(Verdict::Met) {
             return Ok(response);
         }
         Err(Error::PolicyNotMet {
-            summary: failure_summary(&response, policy, &receipts),
+            summary: failure_summary(&response, policy),
             deadline_exceeded,
             response: Box::new(response),
         })
     }
 
-    /// The in-process hop, traced like a remote one (hop, then Deliver, then
-    /// local delivery) so a trace shows every replica the same way.
-    fn deliver_to_self(&self, message: Message, traced: bool) -> Result<DeliverResponse, HopError> {
-        let id = message.id.clone();
-        let to_receipt = |delivered: Result<crate::local::Delivered, Error>| match delivered {
-            Ok(delivered) => Ok(DeliverResponse {
-                id,
+    /// The in-process hop, traced as a delivery like any other replica's.
+    fn deliver_to_self(&self, message: EncodedMessage, send_span: &SendSpan) -> HopResult {
+        let process_span = send_span.child_process(&message);
+        let delivered = deliver_locally(&self.local, &self.metrics, message, &process_span);
+        match delivered {
+            Ok(delivered) => Ok(Acked {
                 sequence: delivered.sequence,
                 duplicate: delivered.duplicate,
             }),
@@ -276,161 +354,24 @@ impl FanOut {
                 code: tonic::Status::from(other).code(),
                 message: "local delivery failed".into(),
             }),
-        };
-        if !traced {
-            return to_receipt(deliver_locally(&self.local, &self.metrics, message, false));
-        }
-        let hop_span = spans::hop(self.self_addr, &message, true);
-        let _hop = hop_span.enter();
-        let deliver_span = spans::deliver(&message, None);
-        let _deliver = deliver_span.enter();
-        let result = to_receipt(deliver_locally(&self.local, &self.metrics, message, true));
-        let (code, detail) = match &result {
-            Ok(_) => (tonic::Code::Ok, String::new()),
-            Err(error) => (error.code(), error.to_string()),
-        };
-        spans::record_status(&deliver_span, Side::Server, code, &detail);
-        spans::record_status(&hop_span, Side::Client, code, &detail);
-        if let Ok(response) = &result {
-            hop_span.record("replicast.duplicate", response.duplicate);
-        }
-        result
-    }
-
-    /// Retries what live peers missed, every [`REDELIVERY_TICK`], until
-    /// `closing`. Owned by the caller (the server), which awaits it.
-    ///
-    /// Each peer's redelivery runs as its own task on its own schedule: a
-    /// peer that does not answer (its probe waits out the peer timeout) is
-    /// skipped by later ticks until that attempt ends, and never holds up the
-    /// redeliveries to the others.
-    pub fn spawn_redelivery(self: &Arc<Self>, closing: CancellationToken) -> tokio::task::JoinHandle<()> {
-        let fanout = self.clone();
-        let task = async move {
-            let mut tick = tokio::time::interval(REDELIVERY_TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut attempts = JoinSet::new();
-            let mut busy: HashMap<tokio::task::Id, SocketAddr> = HashMap::new();
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    Some(done) = attempts.join_next_with_id() => {
-                        let id = match done {
-                            Ok((id, ())) => id,
-                            Err(error) => {
-                                error!(%error, "a redelivery attempt failed");
-                                error.id()
-                            }
-                        };
-                        busy.remove(&id);
-                        continue;
-                    }
-                    () = closing.cancelled() => break,
-                }
-                for peer in fanout.redelivery.peers() {
-                    if busy.values().any(|p| *p == peer) {
-                        continue;
-                    }
-                    let fanout = fanout.clone();
-                    let handle = attempts.spawn(async move { fanout.redeliver_to(peer).await });
-                    busy.insert(handle.id(), peer);
-                }
-            }
-            // Attempts in flight hold messages taken from the queue: let them
-            // finish (each is bounded by the peer timeout) so what they could
-            // not deliver is counted below.
-            if tokio::time::timeout(fanout.peer_timeout * 2, async {
-                while attempts.join_next().await.is_some() {}
-            })
-            .await
-            .is_err()
-            {
-                attempts.abort_all();
-            }
-            let left = fanout.redelivery.len();
-            if left > 0 {
-                fanout
-                    .metrics
-                    .redeliveries
-                    .get_or_create(&RedeliveryLabels { result: "given_up" })
-                    .inc_by(left as u64);
-                warn!(
-                    messages = left,
-                    "shutting down with missed messages not redelivered"
-                );
-            }
-        };
-        // A root span with a target the trace exporter ignores: a task, not an operation.
-        let span = tracing::info_span!(target: "replicast::task", parent: None, "redelivery");
-        tokio::spawn(task.instrument(span))
-    }
-
-    async fn redeliver_to(&self, peer: SocketAddr) {
-        let count = |result: &'static str, n: usize| {
-            self.metrics
-                .redeliveries
-                .get_or_create(&RedeliveryLabels { result })
-                .inc_by(n as u64);
-        };
-        let now = Instant::now();
-        let link = self.lock_links().get(&peer).cloned();
-        let limit = match &link {
-            // Not in the peer set now (a restarting pod leaves DNS while it is
-            // not ready): keep its messages for the window, in case it comes back.
-            None => usize::MAX,
-            // One message is enough to find out whether it is back.
-            Some(link) if link.is_failing() => 1,
-            Some(_) => REDELIVERY_BATCH,
-        };
-        let (batch, expired) = self.redelivery.take(peer, now, limit);
-        if expired > 0 {
-            count("given_up", expired);
-            warn!(%peer, messages = expired, "gave up redelivering: past --redelivery-window");
-        }
-        let Some(link) = link else {
-            self.redelivery.put_back(peer, batch);
-            return;
-        };
-        if batch.is_empty() {
-            return;
-        }
-        let deadline = now + self.peer_timeout;
-        let results =
-            futures::future::join_all(batch.iter().map(|m| link.redeliver(&m.message, deadline))).await;
-        let (mut failed, mut finished) = (Vec::new(), Vec::new());
-        let (mut delivered, mut already, mut rejected) = (0, 0, 0);
-        for (missed, result) in batch.into_iter().zip(results) {
-            match result {
-                // Only its ack had been lost (or a client retry got it there).
-                Ok(response) if response.duplicate => already += 1,
-                Ok(_) => delivered += 1,
-                // The peer answered "no": retrying will not change that.
-                Err(HopError::Rejected { .. }) => rejected += 1,
-                Err(_) => {
-                    failed.push(missed);
-                    continue;
-                }
-            }
-            finished.push(missed);
-        }
-        self.redelivery.put_back(peer, failed);
-        self.redelivery.finish(peer, &finished);
-        if delivered > 0 {
-            count("delivered", delivered);
-            info!(%peer, messages = delivered, "redelivered messages the peer had missed");
-        }
-        if already > 0 {
-            count("already_delivered", already);
-        }
-        if rejected > 0 {
-            count("given_up", rejected);
-            warn!(%peer, messages = rejected, "peer rejected redelivered messages; giving up on them");
         }
     }
 
-    /// Missed messages waiting for redelivery.
+    /// Peers that left the peer set whose links still hold messages they
+    /// missed, sorted by address.
+    pub fn departed(&self) -> Vec<(SocketAddr, LinkStatus)> {
+        let retiring = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut departed: Vec<_> = retiring
+            .iter()
+            .map(|(addr, link)| (*addr, link.status()))
+            .collect();
+        departed.sort_by_key(|(addr, _)| *addr);
+        departed
+    }
+
+    /// Missed messages held for redelivery, all peers together.
     pub fn redelivery_backlog(&self) -> usize {
-        self.redelivery.len()
+        self.budget.messages()
     }
 
     /// Broadcasts whose hops are not all finished.
@@ -438,107 +379,57 @@ impl FanOut {
         self.max_in_flight - self.in_flight.available_permits()
     }
 
-    /// Drops the links to peers that left the peer set.
-    pub fn retain_links(&self, peers: &[SocketAddr]) {
-        let mut gone = Vec::new();
-        self.lock_links().retain(|addr, _| {
-            let keep = peers.contains(addr);
-            if !keep {
-                gone.push(*addr);
-            }
-            keep
-        });
-        // Per-peer series of departed pods would otherwise pile up with
-        // every rollout.
-        for peer in gone {
-            self.metrics.forget_peer(peer);
-        }
-    }
-
-    /// Waits (at most `grace`) for hops still in flight, then drops the links.
-    pub async fn drain(&self, grace: Duration) {
-        self.hops.close();
-        if tokio::time::timeout(grace, self.hops.wait()).await.is_err() {
+    /// Waits (at most `grace`) for the hops of every Broadcast to finish,
+    /// then stops every link; what their backlogs still hold is given up
+    /// and counted.
+    pub async fn shutdown(&self, grace: Duration) {
+        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        if tokio::time::timeout(grace, self.in_flight.acquire_many(all))
+            .await
+            .is_err()
+        {
             debug!(
-                remaining = self.hops.len(),
-                "hops still in flight after the drain period"
+                remaining = self.in_flight(),
+                "broadcasts still in flight after the drain period"
             );
         }
-        self.lock_links().clear();
-    }
-
-    fn link(&self, peer: SocketAddr) -> Arc<PeerLink> {
-        self.lock_links()
-            .entry(peer)
-            .or_insert_with(|| Arc::new(PeerLink::new(peer, self.link_config)))
-            .clone()
-    }
-
-    fn lock_links(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Arc<PeerLink>>> {
-        // Held only for map operations, never across an await.
-        self.links.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        let links: Vec<Arc<dyn Link>> = {
+            let mut retiring = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
+            let mut links: Vec<_> = retiring.drain().map(|(_, link)| link).collect();
+            let set = self.peer_set_tx.send_replace(Arc::new(PeerSet::default()));
+            links.extend(set.remotes.iter().map(|(_, link)| link.clone()));
+            links
+        };
+        let stopped = futures::future::join_all(links.iter().map(|link| link.stop()));
+        if tokio::time::timeout(LINK_STOP_GRACE, stopped).await.is_err() {
+            debug!("links still stopping; leaving them");
+        }
     }
 }
 
-/// Hands `message` to this replica's consumers inside a local-delivery span.
+/// Hands `message` to this replica's consumers inside `span` (a process
+/// span, or a disabled one).
 pub fn deliver_locally(
     local: &LocalDelivery,
     metrics: &Metrics,
-    message: Message,
-    traced: bool,
-) -> Result<crate::local::Delivered, Error> {
-    let span = if traced {
-        spans::local_delivery(&message)
-    } else {
-        tracing::Span::none()
-    };
+    message: EncodedMessage,
+    span: &tracing::Span,
+) -> Result<Delivered, Error> {
     let _entered = span.enter();
-    // A closed replica's refusal is recorded by the Deliver span around this.
+    // A closed replica's refusal is recorded by the span's owner.
     let delivered = local.deliver(message)?;
     if delivered.duplicate {
         metrics.duplicates.inc();
     } else {
         metrics.local_deliveries.inc();
     }
-    if !span.is_disabled() {
-        span.record(
-            "messaging.replicast.sequence",
-            i64::try_from(delivered.sequence).unwrap_or(i64::MAX),
-        );
-        span.record("replicast.duplicate", delivered.duplicate);
-    }
+    spans::record_delivered(span, delivered.sequence, delivered.duplicate);
     Ok(delivered)
 }
 
-/// The `result` label of a hop in metrics.
-fn hop_result_label(result: &Result<DeliverResponse, HopError>) -> &'static str {
-    match result {
-        Ok(response) if response.duplicate => "duplicate",
-        Ok(_) => "delivered",
-        Err(error) => code_name(error.code()),
-    }
-}
-
-/// Records a hop's outcome on the current (hop) span.
-fn record_hop(result: &Result<DeliverResponse, HopError>) {
-    let span = tracing::Span::current();
-    match result {
-        Ok(response) => {
-            spans::record_status(&span, Side::Client, tonic::Code::Ok, "");
-            if !span.is_disabled() {
-                span.record("replicast.duplicate", response.duplicate);
-            }
-        }
-        Err(error) => {
-            debug!(%error, "hop failed");
-            spans::record_status(&span, Side::Client, error.code(), &error.to_string());
-        }
-    }
-}
-
-fn outcome(peer: SocketAddr, receipt: &Receipt) -> PeerOutcome {
+fn outcome(receipt: &Receipt) -> PeerOutcome {
     let mut outcome = PeerOutcome {
-        peer: peer.to_string(),
+        peer: receipt.peer.to_string(),
         local: receipt.local,
         latency: Some(prost_types::Duration::try_from(receipt.latency).unwrap_or_default()),
         ..PeerOutcome::default()
@@ -550,9 +441,9 @@ fn outcome(peer: SocketAddr, receipt: &Receipt) -> PeerOutcome {
             outcome.message = "still in flight when the response was sent".to_owned();
             outcome.latency = None;
         }
-        Some(Ok(delivered)) => {
-            outcome.duplicate = delivered.duplicate;
-            outcome.sequence = delivered.sequence;
+        Some(Ok(acked)) => {
+            outcome.duplicate = acked.duplicate;
+            outcome.sequence = acked.sequence;
         }
         Some(Err(error)) => {
             outcome.code = error.code() as i32;
@@ -565,29 +456,29 @@ fn outcome(peer: SocketAddr, receipt: &Receipt) -> PeerOutcome {
 /// "ack policy ALL not met for message X: 2 of 3 replicas acknowledged (3
 /// required); failed: 10.0.0.3:7420 DEADLINE_EXCEEDED (no answer within 1s)".
 /// Names at most [`NAMED_FAILURES`]: the status travels in HTTP/2 trailers,
-/// which clients cap (16 KiB in hyper, 8 KiB in grpc-java); the details carry
-/// every receipt.
-fn failure_summary(
-    response: &BroadcastResponse,
-    policy: AckPolicy,
-    receipts: &BTreeMap<SocketAddr, Receipt>,
-) -> String {
-    let failed: Vec<String> = receipts
+/// which clients cap (8 KiB in grpc C-core and grpc-java); the details carry
+/// the receipts (see `error.rs` for how they are bounded).
+fn failure_summary(response: &BroadcastResponse, policy: AckPolicy) -> String {
+    let failed: Vec<&PeerOutcome> = response
+        .outcomes
         .iter()
-        .filter_map(|(peer, r)| match &r.result {
-            Some(Err(e)) => Some(format!(
-                "{peer} {} ({})",
-                code_name(e.code()),
-                clip(&e.to_string())
-            )),
-            None => Some(format!("{peer} no answer yet")),
-            Some(Ok(_)) => None,
-        })
+        .filter(|o| o.pending || o.code != 0)
         .collect();
     let mut named = failed
         .iter()
         .take(NAMED_FAILURES)
-        .cloned()
+        .map(|o| {
+            if o.pending {
+                format!("{} no answer yet", o.peer)
+            } else {
+                format!(
+                    "{} {} ({})",
+                    o.peer,
+                    code_name(tonic::Code::from_i32(o.code)),
+                    o.message
+                )
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ");
     if failed.len() > NAMED_FAILURES {
@@ -606,6 +497,9 @@ fn failure_summary(
     )
 }
 
+/// How long the links get to count what they give up at shutdown.
+const LINK_STOP_GRACE: Duration = Duration::from_secs(1);
+
 /// Failed replicas named in a status message.
 const NAMED_FAILURES: usize = 5;
 /// Longest error text kept per receipt.
@@ -615,49 +509,5 @@ fn clip(text: &str) -> String {
     match text.char_indices().nth(MAX_RECEIPT_MESSAGE) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn summary_names_a_few_failures_and_counts_the_rest() {
-        let mut receipts = BTreeMap::new();
-        for i in 1..=12u16 {
-            let peer: SocketAddr = format!("127.0.0.1:{i}").parse().unwrap();
-            let result = if i == 1 {
-                Some(Ok(DeliverResponse::default()))
-            } else {
-                Some(Err(HopError::Unavailable("x".repeat(1000))))
-            };
-            receipts.insert(
-                peer,
-                Receipt {
-                    local: i == 1,
-                    result,
-                    latency: Duration::ZERO,
-                },
-            );
-        }
-        let response = BroadcastResponse {
-            id: "m".into(),
-            replicas: 12,
-            acked: 1,
-            required: 12,
-            ..Default::default()
-        };
-        let summary = failure_summary(&response, AckPolicy::All, &receipts);
-        assert!(
-            summary.contains("1 of 12 replicas acknowledged (12 required)"),
-            "{summary}"
-        );
-        assert!(summary.contains("and 6 more"), "{summary}");
-        assert!(
-            summary.len() < 2000,
-            "the status message stays small: {} bytes",
-            summary.len()
-        );
     }
 }

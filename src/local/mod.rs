@@ -25,17 +25,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prost::Message as _;
 use tokio::sync::watch;
 
-pub use self::{dedup::DedupWindow, ring::ReplayRing, topic::TopicFilter};
-use crate::{
-    error::Error,
-    proto::v1::{Delivery, Message},
+pub use self::{
+    dedup::DedupWindow,
+    ring::{ReplayRing, StoredDelivery},
+    topic::TopicFilter,
 };
+use crate::{error::Error, wire::EncodedMessage};
 
 /// How many deliveries a subscriber takes from the ring per lock.
 const READ_BATCH: usize = 64;
+/// Bytes a ring entry costs beyond the message's encoding: its sequence,
+/// the shared message's header and the ring slot.
+const RING_ENTRY_OVERHEAD: usize = 64;
 
 /// Limits of local delivery, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -111,16 +114,17 @@ impl LocalDelivery {
     /// [`Error::ShuttingDown`] once [`close`](Self::close)d: the sender is
     /// not acknowledged, so it keeps the message for redelivery instead of
     /// believing a replica that is about to exit delivered it.
-    pub fn deliver(&self, message: Message) -> Result<Delivered, Error> {
+    pub fn deliver(&self, message: EncodedMessage) -> Result<Delivered, Error> {
         let now = Instant::now();
-        // Sized outside the lock; the sequence field adds at most 11 bytes.
-        let size = message.encoded_len() + 11;
+        // What the ring holds for it: the shared encoding, plus the
+        // delivery's own fields and bookkeeping.
+        let size = message.encoded_len() + RING_ENTRY_OVERHEAD;
         let delivered = {
             let mut state = self.lock();
             if state.closed {
                 return Err(Error::ShuttingDown);
             }
-            if let Some(sequence) = state.dedup.get(&message.id, now) {
+            if let Some(sequence) = state.dedup.get(message.id(), now) {
                 return Ok(Delivered {
                     sequence,
                     duplicate: true,
@@ -128,13 +132,8 @@ impl LocalDelivery {
             }
             state.last_sequence += 1;
             let sequence = state.last_sequence;
-            state.dedup.insert(&message.id, sequence, now);
-            let delivery = Arc::new(Delivery {
-                sequence,
-                message: Some(message),
-                incarnation: self.incarnation,
-            });
-            state.ring.push(delivery, size);
+            state.dedup.insert(message.id(), sequence, now);
+            state.ring.push(StoredDelivery { sequence, message }, size);
             Delivered {
                 sequence,
                 duplicate: false,
@@ -247,7 +246,7 @@ impl LocalDelivery {
     /// them. Lag counts from `attached_at` at the earliest: a subscriber that
     /// resumed far back may replay the ring at its own pace, and is cut off
     /// only when more than `subscriber_buffer` new deliveries pile up.
-    fn read_after(&self, cursor: u64, attached_at: u64) -> Result<Vec<Arc<Delivery>>, Error> {
+    fn read_after(&self, cursor: u64, attached_at: u64) -> Result<Vec<StoredDelivery>, Error> {
         let state = self.lock();
         let last = state.last_sequence;
         if last.saturating_sub(cursor.max(attached_at)) > self.limits.subscriber_buffer as u64 {
@@ -292,7 +291,7 @@ pub struct Subscription {
     local: Arc<LocalDelivery>,
     head_rx: watch::Receiver<u64>,
     /// Taken from the ring, not yet passed to the subscriber.
-    batch: VecDeque<Arc<Delivery>>,
+    batch: VecDeque<StoredDelivery>,
     filter: TopicFilter,
     /// The last sequence this subscriber has passed (sent or filtered out).
     cursor: u64,
@@ -305,12 +304,11 @@ impl Subscription {
     /// [`Error::SubscriberLagged`] when the subscriber fell too far behind,
     /// or [`Error::ShuttingDown`] once the replica is closed and this
     /// subscriber has had everything delivered before that.
-    pub async fn next(&mut self) -> Result<Arc<Delivery>, Error> {
+    pub async fn next(&mut self) -> Result<StoredDelivery, Error> {
         loop {
             if let Some(delivery) = self.batch.pop_front() {
                 self.cursor = delivery.sequence;
-                let topic = delivery.message.as_ref().map_or("", |m| m.topic.as_str());
-                if self.filter.matches(topic) {
+                if self.filter.matches(delivery.message.topic()) {
                     return Ok(delivery);
                 }
                 continue;
@@ -342,12 +340,12 @@ mod tests {
         }))
     }
 
-    fn msg(id: &str, topic: &str) -> Message {
-        Message {
+    fn msg(id: &str, topic: &str) -> EncodedMessage {
+        EncodedMessage::encode(crate::proto::v1::Message {
             id: id.into(),
             topic: topic.into(),
-            ..Message::default()
-        }
+            ..Default::default()
+        })
     }
 
     #[test]

@@ -1,8 +1,16 @@
 //! The replay ring: the most recent deliveries, for subscribers that resume.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::collections::VecDeque;
 
-use crate::proto::v1::Delivery;
+use crate::wire::EncodedMessage;
+
+/// One delivery as the ring holds it: the sequence this replica gave the
+/// message, and the message's shared encoding (no copy per subscriber).
+#[derive(Debug, Clone)]
+pub struct StoredDelivery {
+    pub sequence: u64,
+    pub message: EncodedMessage,
+}
 
 /// Keeps the most recent deliveries in sequence order: at most `capacity`
 /// of them and at most `max_bytes` of encoded messages, whichever binds
@@ -11,7 +19,7 @@ use crate::proto::v1::Delivery;
 /// of recent messages a replica holds, however many subscribers it has.
 #[derive(Debug)]
 pub struct ReplayRing {
-    entries: VecDeque<(Arc<Delivery>, usize)>,
+    entries: VecDeque<(StoredDelivery, usize)>,
     capacity: usize,
     max_bytes: usize,
     bytes: usize,
@@ -36,7 +44,7 @@ impl ReplayRing {
 
     /// Appends the next delivery, `size` bytes encoded; its sequence must
     /// follow the previous one.
-    pub fn push(&mut self, delivery: Arc<Delivery>, size: usize) {
+    pub fn push(&mut self, delivery: StoredDelivery, size: usize) {
         debug_assert!(
             self.entries
                 .back()
@@ -56,7 +64,7 @@ impl ReplayRing {
     /// Up to `limit` retained deliveries with a sequence greater than
     /// `after`, given that the last assigned sequence is `last`. Fails when
     /// the one the caller needs next (`after + 1`) was already evicted.
-    pub fn after(&self, after: u64, last: u64, limit: usize) -> Result<Vec<Arc<Delivery>>, Evicted> {
+    pub fn after(&self, after: u64, last: u64, limit: usize) -> Result<Vec<StoredDelivery>, Evicted> {
         if after >= last {
             return Ok(Vec::new());
         }
@@ -103,19 +111,19 @@ mod tests {
     fn ring_with(capacity: usize, count: u64) -> ReplayRing {
         let mut ring = ReplayRing::new(capacity, usize::MAX);
         for sequence in 1..=count {
-            ring.push(
-                Arc::new(Delivery {
-                    sequence,
-                    message: None,
-                    incarnation: 1,
-                }),
-                10,
-            );
+            ring.push(delivery(sequence), 10);
         }
         ring
     }
 
-    fn seqs(d: Vec<Arc<Delivery>>) -> Vec<u64> {
+    fn delivery(sequence: u64) -> StoredDelivery {
+        StoredDelivery {
+            sequence,
+            message: EncodedMessage::encode(crate::proto::v1::Message::default()),
+        }
+    }
+
+    fn seqs(d: Vec<StoredDelivery>) -> Vec<u64> {
         d.iter().map(|d| d.sequence).collect()
     }
 
@@ -132,7 +140,7 @@ mod tests {
     fn evicted_range_names_oldest() {
         let ring = ring_with(3, 10);
         assert_eq!(ring.len(), 3);
-        assert_eq!(ring.after(6, 10, 100), Err(Evicted { oldest: 8 }));
+        assert_eq!(ring.after(6, 10, 100).err(), Some(Evicted { oldest: 8 }));
         assert_eq!(seqs(ring.after(7, 10, 100).unwrap()), vec![8, 9, 10]);
     }
 
@@ -140,26 +148,12 @@ mod tests {
     fn bounded_by_bytes_but_keeps_the_newest() {
         let mut ring = ReplayRing::new(100, 250);
         for sequence in 1..=5 {
-            ring.push(
-                Arc::new(Delivery {
-                    sequence,
-                    message: None,
-                    incarnation: 1,
-                }),
-                100,
-            );
+            ring.push(delivery(sequence), 100);
         }
         assert_eq!(ring.len(), 2, "two 100-byte deliveries fit in 250 bytes");
         assert_eq!(ring.bytes(), 200);
-        assert_eq!(ring.after(2, 5, 100), Err(Evicted { oldest: 4 }));
-        ring.push(
-            Arc::new(Delivery {
-                sequence: 6,
-                message: None,
-                incarnation: 1,
-            }),
-            1000,
-        );
+        assert_eq!(ring.after(2, 5, 100).err(), Some(Evicted { oldest: 4 }));
+        ring.push(delivery(6), 1000);
         assert_eq!(
             seqs(ring.after(5, 6, 100).unwrap()),
             vec![6],

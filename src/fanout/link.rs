@@ -995,3 +995,6 @@ fn open_error(status: &Status) -> HopError {
 fn retry_pause(retry: u32) -> Duration {
     Duration::from_millis(10 << retry.min(6)).mul_f64(0.5 + rand::random::<f64>())
 }
+
+#[cfg(test)]
+mod tests;

@@ -379,7 +379,7 @@ async fn a_retiring_link_holds_its_backlog_then_goes_idle_when_it_is_delivered()
 
 #[tokio::test(start_paused = true)]
 async fn a_stopped_link_gives_up_its_backlog_and_counts_it() {
-    let mut h = harness();
+    let h = harness();
     h.set_reachable(Reachable::No);
     let mut rx = h.submit("m");
     assert!(receipt(&mut rx).await.is_err());

@@ -69,6 +69,19 @@ pub struct ReplicastService {
     fanout: Arc<FanOut>,
     peer_set_rx: watch::Receiver<Arc<PeerSet>>,
     metrics: Metrics,
+    /// `self_addr` as every message's origin, formatted once.
+    origin: Arc<str>,
+}
+
+/// A UUIDv7 for a message the client sent without an id. Its random bits
+/// come from the thread's generator, not a system call per message.
+fn new_id() -> String {
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    uuid::Builder::from_unix_timestamp_millis(millis, &rand::random())
+        .into_uuid()
+        .to_string()
 }
 
 impl ReplicastService {
@@ -79,6 +92,7 @@ impl ReplicastService {
         metrics: Metrics,
     ) -> Self {
         Self {
+            origin: config.self_addr.to_string().into(),
             config: Arc::new(config),
             local,
             peer_set_rx: fanout.peer_set(),
@@ -114,18 +128,19 @@ impl ReplicastService {
         validate::id(&request.id)?;
         // Encoded into a buffer of its own: the request's payload is a view
         // into tonic's decode buffer, which is not kept.
-        let message = EncodedMessage::encode(Message {
-            id: if request.id.is_empty() {
-                uuid::Uuid::now_v7().to_string()
-            } else {
-                request.id
-            },
-            topic: request.topic,
-            payload: request.payload,
-            headers: request.headers,
-            origin: self.config.self_addr.to_string(),
-            sent_at: Some(SystemTime::now().into()),
-        });
+        let id = if request.id.is_empty() {
+            new_id()
+        } else {
+            request.id
+        };
+        let message = EncodedMessage::from_parts(
+            id,
+            request.topic,
+            &request.payload,
+            &request.headers,
+            &self.origin,
+            &SystemTime::now().into(),
+        );
         let send_span = SendSpan::start(parent, &message, policy);
         let mut peer_set_rx = self.peer_set_rx.clone();
         let peers =

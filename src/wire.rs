@@ -45,6 +45,73 @@ impl EncodedMessage {
         }))
     }
 
+    /// Encodes a message from its parts, as the origin has them: the same
+    /// bytes as `Message { .. }.encode_to_vec()`, without moving the parts
+    /// into a `Message` or copying `origin` per message.
+    pub fn from_parts(
+        id: String,
+        topic: String,
+        payload: &Bytes,
+        headers: &HashMap<String, String>,
+        origin: &str,
+        sent_at: &prost_types::Timestamp,
+    ) -> Self {
+        use prost::encoding::{bytes as pb_bytes, hash_map, message, string};
+        // Field numbers of replicast.v1.Message; proto3 skips empty fields.
+        let len = if id.is_empty() {
+            0
+        } else {
+            string::encoded_len(1, &id)
+        } + if topic.is_empty() {
+            0
+        } else {
+            string::encoded_len(2, &topic)
+        } + if payload.is_empty() {
+            0
+        } else {
+            pb_bytes::encoded_len(3, payload)
+        } + hash_map::encoded_len(string::encoded_len, string::encoded_len, 4, headers)
+            + if origin.is_empty() {
+                0
+            } else {
+                prost::encoding::key_len(5)
+                    + prost::encoding::encoded_len_varint(origin.len() as u64)
+                    + origin.len()
+            }
+            + message::encoded_len(6, sent_at);
+        let mut buf = Vec::with_capacity(len);
+        if !id.is_empty() {
+            string::encode(1, &id, &mut buf);
+        }
+        if !topic.is_empty() {
+            string::encode(2, &topic, &mut buf);
+        }
+        if !payload.is_empty() {
+            pb_bytes::encode(3, payload, &mut buf);
+        }
+        hash_map::encode(
+            string::encode,
+            string::encoded_len,
+            string::encode,
+            string::encoded_len,
+            4,
+            headers,
+            &mut buf,
+        );
+        if !origin.is_empty() {
+            // string::encode wants a &String; the key, length and bytes are all it writes.
+            prost::encoding::encode_key(5, prost::encoding::WireType::LengthDelimited, &mut buf);
+            prost::encoding::encode_varint(origin.len() as u64, &mut buf);
+            buf.extend_from_slice(origin.as_bytes());
+        }
+        message::encode(6, sent_at, &mut buf);
+        Self(Arc::new(Inner {
+            id,
+            topic,
+            bytes: Bytes::from(buf),
+        }))
+    }
+
     /// Takes a message a peer sent as bytes. The bytes are copied into an
     /// allocation of their own: `raw` usually points into tonic's decode
     /// buffer (8 KiB or more), which a small message would otherwise keep
@@ -155,6 +222,39 @@ mod tests {
             origin: "10.0.0.1:7420".into(),
             sent_at: Some(prost_types::Timestamp { seconds: 1, nanos: 2 }),
         }
+    }
+
+    #[test]
+    fn from_parts_is_the_encoding_of_the_message() {
+        let m = message();
+        let parts = EncodedMessage::from_parts(
+            m.id.clone(),
+            m.topic.clone(),
+            &m.payload,
+            &m.headers,
+            &m.origin,
+            m.sent_at.as_ref().unwrap(),
+        );
+        assert_eq!(parts.bytes().as_ref(), m.encode_to_vec().as_slice());
+        assert_eq!(parts.to_message(), m);
+        let empty = Message {
+            id: "x".into(),
+            sent_at: Some(prost_types::Timestamp::default()),
+            ..Default::default()
+        };
+        let parts = EncodedMessage::from_parts(
+            "x".into(),
+            String::new(),
+            &Bytes::new(),
+            &HashMap::new(),
+            "",
+            &prost_types::Timestamp::default(),
+        );
+        assert_eq!(
+            parts.bytes().as_ref(),
+            empty.encode_to_vec().as_slice(),
+            "empty fields are skipped"
+        );
     }
 
     #[test]

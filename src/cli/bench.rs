@@ -17,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{sync::oneshot, task::JoinSet};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinSet,
+};
 use tonic::{
     Request,
     transport::{Channel, Endpoint},
@@ -25,7 +28,8 @@ use tonic::{
 
 use super::{CliError, client::AckArg, connect};
 use crate::proto::v1::{
-    AckPolicy, BroadcastRequest, ListPeersRequest, SubscribeRequest, replicast_client::ReplicastClient,
+    AckPolicy, BroadcastRequest, ListPeersRequest, PublishRequest, PublishResponse, SubscribeRequest,
+    replicast_client::ReplicastClient,
 };
 
 /// Header carrying the bench sequence number, so subscribers can match.
@@ -55,6 +59,86 @@ pub struct BenchArgs {
     /// Topic to publish on (subscribers filter on it).
     #[arg(long, default_value = "bench")]
     pub topic: String,
+    /// How messages are sent: one unary Broadcast each, or all on one
+    /// Publish stream.
+    #[arg(long, value_enum, default_value = "broadcast")]
+    pub api: Api,
+}
+
+/// `--api` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Api {
+    Broadcast,
+    Publish,
+}
+
+/// Sends one message and says whether its ack policy was met.
+#[derive(Debug, Clone)]
+enum Sender {
+    Unary(ReplicastClient<Channel>),
+    Publish(Arc<Publisher>),
+}
+
+impl Sender {
+    async fn send(&mut self, seq: u64, broadcast: BroadcastRequest, timeout: Duration) -> bool {
+        match self {
+            Self::Unary(client) => {
+                let mut request = Request::new(broadcast);
+                request.set_timeout(timeout);
+                client.broadcast(request).await.is_ok()
+            }
+            Self::Publish(publisher) => publisher.send(seq, broadcast, timeout).await,
+        }
+    }
+}
+
+/// One Publish stream shared by every worker: tag = the bench sequence.
+#[derive(Debug)]
+struct Publisher {
+    request_tx: mpsc::Sender<PublishRequest>,
+    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<PublishResponse>>>>,
+}
+
+impl Publisher {
+    async fn open(mut client: ReplicastClient<Channel>) -> Result<Arc<Self>, CliError> {
+        let (request_tx, request_rx) = mpsc::channel(1024);
+        let mut responses = client
+            .publish(tokio_stream::wrappers::ReceiverStream::new(request_rx))
+            .await?
+            .into_inner();
+        let waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<PublishResponse>>>> = Arc::default();
+        let dispatch = waiting.clone();
+        // Ends with the stream, when the bench drops the request sender.
+        tokio::spawn(async move {
+            while let Ok(Some(response)) = responses.message().await {
+                let waiter = dispatch
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&response.tag);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(response);
+                }
+            }
+        });
+        Ok(Arc::new(Self { request_tx, waiting }))
+    }
+
+    async fn send(&self, tag: u64, broadcast: BroadcastRequest, timeout: Duration) -> bool {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tag, done_tx);
+        let request = PublishRequest {
+            tag,
+            broadcast: Some(broadcast),
+            timeout: prost_types::Duration::try_from(timeout).ok(),
+        };
+        if self.request_tx.send(request).await.is_err() {
+            return false;
+        }
+        matches!(done_rx.await, Ok(response) if response.code == 0)
+    }
 }
 
 /// Messages sent and not yet seen by every subscriber.
@@ -160,10 +244,19 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
         });
     }
 
+    let sender = match args.api {
+        Api::Broadcast => Sender::Unary(client.clone()),
+        Api::Publish => Sender::Publish(Publisher::open(client.clone()).await?),
+    };
     println!(
-        "replicast bench: {} replicas via {}, payload {} B, ack {}, {} per row after {} warm-up",
+        "replicast bench: {} replicas via {} ({}), payload {} B, ack {}, {} per row after {} warm-up",
         replicas.len(),
         args.to,
+        if args.api == Api::Publish {
+            "one Publish stream"
+        } else {
+            "unary Broadcast"
+        },
         args.payload,
         AckPolicy::from(args.ack)
             .as_str_name()
@@ -180,7 +273,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
     for &in_flight in &args.in_flight {
         let row = run_row(
             &args,
-            client.clone(),
+            &sender,
             &arrivals,
             &next_seq,
             replicas.len(),
@@ -195,7 +288,7 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, CliError> {
 
 async fn run_row(
     args: &BenchArgs,
-    client: ReplicastClient<Channel>,
+    sender: &Sender,
     arrivals: &Arc<Arrivals>,
     next_seq: &Arc<AtomicU64>,
     subscribers: usize,
@@ -207,7 +300,7 @@ async fn run_row(
     let payload = bytes::Bytes::from(vec![b'x'; args.payload]);
     let mut workers = JoinSet::new();
     for _ in 0..in_flight {
-        let mut client = client.clone();
+        let mut sender = sender.clone();
         let arrivals = arrivals.clone();
         let next_seq = next_seq.clone();
         let payload = payload.clone();
@@ -218,16 +311,15 @@ async fn run_row(
             while Instant::now() < stop_at {
                 let seq = next_seq.fetch_add(1, Ordering::Relaxed);
                 let done_rx = arrivals.expect(seq, subscribers);
-                let mut request = Request::new(BroadcastRequest {
+                let request = BroadcastRequest {
                     topic: topic.clone(),
                     payload: payload.clone(),
                     headers: HashMap::from([(SEQ_HEADER.to_owned(), seq.to_string())]),
                     id: String::new(),
                     ack,
-                });
-                request.set_timeout(Duration::from_secs(5));
+                };
                 let sent = Instant::now();
-                let ok = client.broadcast(request).await.is_ok();
+                let ok = sender.send(seq, request, Duration::from_secs(5)).await;
                 let round_trip = sent.elapsed();
                 let delivered = match tokio::time::timeout(Duration::from_secs(5), done_rx).await {
                     Ok(Ok(at)) => Some(at.saturating_duration_since(sent)),

@@ -305,7 +305,7 @@ impl PeerLink {
             hop_rx,
             membership_rx,
             status_tx,
-            hops: HashMap::new(),
+            hops: foldhash::HashMap::default(),
             deadlines: DelayQueue::new(),
             retries: DelayQueue::new(),
             session: None,
@@ -491,7 +491,8 @@ struct LinkTask<T> {
     hop_rx: mpsc::Receiver<Hop>,
     membership_rx: watch::Receiver<Membership>,
     status_tx: watch::Sender<LinkStatus>,
-    hops: HashMap<u64, HopState>,
+    /// By tag. A fast hash: tags are this task's own counter, not input.
+    hops: foldhash::HashMap<u64, HopState>,
     deadlines: DelayQueue<u64>,
     retries: DelayQueue<u64>,
     session: Option<Session>,

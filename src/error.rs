@@ -144,19 +144,75 @@ pub fn publish_response(tag: u64, result: Result<BroadcastResponse, Error>) -> P
     }
 }
 
+/// The most a failed Broadcast's status message may take, in bytes (it is
+/// sent percent-encoded in `grpc-message`).
+const MAX_STATUS_MESSAGE: usize = 1024;
+/// The most its encoded details may take (sent base64-encoded, 4/3 larger,
+/// in `grpc-status-details-bin`). With the message and the other trailers
+/// this keeps the trailers well under the 8 KiB that grpc C-core and
+/// grpc-java accept by default.
+const MAX_STATUS_DETAILS: usize = 4 * 1024;
+
 /// Builds a status whose `grpc-status-details-bin` is a `google.rpc.Status`
 /// carrying the BroadcastResponse (the gRPC richer error model), so a careful
-/// client can read every receipt of a failed Broadcast.
+/// client can read the receipts of a failed Broadcast. Bounded (see
+/// [`bounded_receipts`]).
 fn with_response_details(code: Code, message: String, response: &BroadcastResponse) -> Status {
+    let message = clip_to(message, MAX_STATUS_MESSAGE);
     let details = tonic_types::pb::Status {
         code: code as i32,
+        // The same text: grpcio-status checks that the two agree.
         message: message.clone(),
         details: vec![prost_types::Any {
             type_url: "type.googleapis.com/replicast.v1.BroadcastResponse".to_owned(),
-            value: response.encode_to_vec(),
+            value: bounded_receipts(response, MAX_STATUS_DETAILS - message.len() - 128).encode_to_vec(),
         }],
     };
     Status::with_details(code, message, details.encode_to_vec().into())
+}
+
+/// `response` with at most `limit` bytes encoded: the failed and pending
+/// receipts first, then acknowledged ones, as many as fit (in address order
+/// within each group); what is left out is counted in `omitted_outcomes`.
+pub fn bounded_receipts(response: &BroadcastResponse, limit: usize) -> BroadcastResponse {
+    if response.encoded_len() <= limit {
+        return response.clone();
+    }
+    let mut bounded = BroadcastResponse {
+        outcomes: Vec::new(),
+        ..response.clone()
+    };
+    let failed_first = response
+        .outcomes
+        .iter()
+        .filter(|o| o.code != 0 || o.pending)
+        .chain(response.outcomes.iter().filter(|o| o.code == 0 && !o.pending));
+    // Room for the count itself, whatever it becomes.
+    let mut used = bounded.encoded_len() + 6;
+    for outcome in failed_first {
+        let size = prost::encoding::message::encoded_len(4, outcome);
+        if used + size > limit {
+            // A prefix of that order: no acknowledged receipt is kept while
+            // a failed one is left out.
+            break;
+        }
+        used += size;
+        bounded.outcomes.push(outcome.clone());
+    }
+    bounded.omitted_outcomes = (response.outcomes.len() - bounded.outcomes.len()) as u32;
+    bounded
+}
+
+fn clip_to(mut text: String, limit: usize) -> String {
+    if text.len() > limit {
+        let mut cut = limit - 3;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 /// Decodes the BroadcastResponse carried in a failed Broadcast's status.
@@ -300,6 +356,72 @@ mod tests {
         assert!(s.message().contains("limit is 1 bytes"), "{}", s.message());
         let s: Status = Error::Invalid(ValidationError::EmptyTopic).into();
         assert_eq!(s.code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_hundred_failed_receipts_fit_in_8_kib_failed_first() {
+        use crate::proto::v1::PeerOutcome;
+        let outcomes: Vec<PeerOutcome> = (0..100u32)
+            .map(|i| PeerOutcome {
+                peer: format!("10.0.{}.{}:7420", i / 250, i % 250),
+                code: if i < 10 { 0 } else { 14 },
+                message: if i < 10 {
+                    String::new()
+                } else {
+                    format!(
+                        "cannot open the delivery stream: tcp connect error: Connection refused {}",
+                        "x".repeat(120)
+                    )
+                },
+                latency: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 1_000_000,
+                }),
+                ..PeerOutcome::default()
+            })
+            .collect();
+        let response = BroadcastResponse {
+            id: "m".into(),
+            replicas: 100,
+            acked: 10,
+            required: 100,
+            outcomes,
+            ..Default::default()
+        };
+        assert!(
+            response.encoded_len() > 16 * 1024,
+            "the case that broke grpc C-core clients"
+        );
+        let s: Status = Error::PolicyNotMet {
+            summary: "not met ".repeat(500),
+            deadline_exceeded: false,
+            response: Box::new(response.clone()),
+        }
+        .into();
+        // As they travel: the message percent-encoded (ASCII here), the details base64.
+        let trailers = s.message().len() + s.details().len() * 4 / 3 + 64;
+        assert!(trailers < 8 * 1024, "status trailers are {trailers} bytes");
+        let carried = broadcast_response_from_status(&s).expect("receipts in the details");
+        assert_eq!(
+            (carried.replicas, carried.acked, carried.required),
+            (100, 10, 100),
+            "counts are complete"
+        );
+        assert!(!carried.outcomes.is_empty());
+        assert!(
+            carried.outcomes.iter().all(|o| o.code == 14),
+            "failed receipts come first"
+        );
+        assert_eq!(
+            carried.omitted_outcomes as usize + carried.outcomes.len(),
+            100,
+            "what is left out is counted"
+        );
+        assert_eq!(
+            bounded_receipts(&response, usize::MAX),
+            response,
+            "small enough: untouched"
+        );
     }
 
     #[test]

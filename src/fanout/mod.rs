@@ -328,6 +328,7 @@ impl FanOut {
             outcomes: receipts.iter().map(outcome).collect(),
             ack: policy as i32,
             required: tally.required() as u32,
+            omitted_outcomes: 0,
         };
         send_span.record_receipts(&response);
         if tally.verdict() == Some(Verdict::Met) {

@@ -54,6 +54,13 @@ impl PublishStream {
         span: tracing::Span,
     ) -> Self {
         let draining = Some(Box::pin(service.stopping().clone().cancelled_owned()));
+        // Asked once per stream, not per message: an unsampled stream's
+        // messages look at a disabled span only.
+        let span = if crate::telemetry::spans::is_sampled(&span) {
+            span
+        } else {
+            tracing::Span::none()
+        };
         Self {
             service,
             requests: Some(requests),

@@ -11,11 +11,15 @@
 mod export;
 mod logs;
 pub mod propagation;
+pub mod sampling;
 mod server_layer;
 pub mod spans;
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -24,16 +28,25 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::{
     Resource,
     propagation::{BaggagePropagator, TraceContextPropagator},
-    trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider},
+    trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider},
 };
 use tracing_subscriber::{EnvFilter, Layer, filter::Targets, prelude::*};
 
+use self::sampling::HeadSampler;
 pub use self::{logs::LogFormat, server_layer::GrpcTraceLayer};
 
 /// Whether trace spans are being exported; checked before creating any.
 static TRACING: AtomicBool = AtomicBool::new(false);
 /// Spans dropped because the export queue was full (collector down or slow).
 static SPANS_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// The sampler applied before a call's server span is built.
+static HEAD_SAMPLER: OnceLock<HeadSampler> = OnceLock::new();
+
+/// The process's head sampler (never samples while tracing is off).
+pub fn head_sampler() -> HeadSampler {
+    HEAD_SAMPLER.get().copied().unwrap_or(HeadSampler::AlwaysOff)
+}
 
 /// Whether OpenTelemetry tracing is on in this process.
 pub fn tracing_enabled() -> bool {
@@ -160,6 +173,8 @@ pub fn init(format: LogFormat, args: &TelemetryArgs, instance: &str) -> Result<T
         init_logging(format);
         return Ok(Telemetry { provider: None });
     };
+    let head = HeadSampler::from_name(&args.traces_sampler, args.traces_sampler_arg)
+        .ok_or_else(|| TelemetryError::Sampler(args.traces_sampler.clone()))?;
     let exporter = match args.otlp_protocol {
         OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
@@ -191,7 +206,9 @@ pub fn init(format: LogFormat, args: &TelemetryArgs, instance: &str) -> Result<T
         .build();
     let provider = SdkTracerProvider::builder()
         .with_span_processor(export::DropCountingProcessor::new(processor, gate))
-        .with_sampler(sampler(&args.traces_sampler, args.traces_sampler_arg)?)
+        // Sampling is decided at the edge, before spans exist (see
+        // `sampling`); the SDK only follows parents.
+        .with_sampler(head.sdk_sampler())
         .with_resource(resource(args, instance))
         .build();
     let tracer = provider.tracer("replicast");
@@ -210,16 +227,13 @@ pub fn init(format: LogFormat, args: &TelemetryArgs, instance: &str) -> Result<T
         .with_threads(false)
         .with_location(false)
         .with_tracked_inactivity(false)
-        .with_filter(
-            Targets::new()
-                .with_target("replicast::rpc", tracing::Level::INFO)
-                .with_target("replicast::fanout", tracing::Level::INFO)
-                .with_target("replicast::delivery", tracing::Level::INFO),
-        );
+        .with_filter(Targets::new().with_target(TRACE_SPANS, tracing::Level::INFO));
     let _ = tracing_subscriber::registry()
         .with(otel_layer)
         .with(logs::layer(format).with_filter(log_filter()))
         .try_init();
+    // First set wins: one process, one telemetry configuration.
+    let _ = HEAD_SAMPLER.set(head);
     TRACING.store(true, Ordering::Relaxed);
     tracing::info!(%endpoint, protocol = ?args.otlp_protocol, "exporting traces over OTLP");
     Ok(Telemetry {
@@ -227,25 +241,30 @@ pub fn init(format: LogFormat, args: &TelemetryArgs, instance: &str) -> Result<T
     })
 }
 
+/// The target of every span that is exported (the RPC, send and process
+/// spans): `replicast::trace::*`. The log output does not look at them
+/// unless RUST_LOG names them: formatting every field of every sampled span
+/// for log lines nobody prints cost more than exporting it.
+pub(crate) const TRACE_SPANS: &str = "replicast::trace";
+
 fn log_filter() -> EnvFilter {
+    let filter = default_log_filter();
+    let named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains(TRACE_SPANS));
+    if named {
+        return filter;
+    }
+    match format!("{TRACE_SPANS}=off").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+fn default_log_filter() -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(
             "info,h2=warn,hyper=warn,tower=warn,hickory_proto=warn,hickory_net=warn,hickory_server=warn,\
              opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn",
         )
-    })
-}
-
-fn sampler(name: &str, arg: Option<f64>) -> Result<Sampler, TelemetryError> {
-    let ratio = arg.unwrap_or(1.0).clamp(0.0, 1.0);
-    Ok(match name {
-        "always_on" => Sampler::AlwaysOn,
-        "always_off" => Sampler::AlwaysOff,
-        "traceidratio" => Sampler::TraceIdRatioBased(ratio),
-        "parentbased_always_on" => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
-        "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
-        "parentbased_traceidratio" => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
-        other => return Err(TelemetryError::Sampler(other.to_owned())),
     })
 }
 

@@ -21,8 +21,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
     propagation,
+    sampling::Parent,
     spans::{Side, record_status},
 };
+use opentelemetry::trace::TraceContextExt as _;
 
 /// Methods whose status arrives at the end of a stream, after the span.
 const STREAMING: [&str; 1] = ["Subscribe"];
@@ -72,7 +74,22 @@ where
             Some(method) if method != UNTRACED => method.to_owned(),
             _ => return futures::future::Either::Left(self.inner.call(request)),
         };
-        let span = server_span(&request, &method);
+        // Sampling first: an unsampled call builds no span at all.
+        let parent_cx = request
+            .headers()
+            .contains_key("traceparent")
+            .then(|| propagation::extract_headers(request.headers()));
+        let parent = parent_cx.as_ref().and_then(|cx| {
+            let context = cx.span().span_context().clone();
+            context.is_valid().then(|| Parent {
+                trace_id_low: u128::from_be_bytes(context.trace_id().to_bytes()) as u64,
+                sampled: context.is_sampled(),
+            })
+        });
+        if !super::head_sampler().decide(parent, rand::random()) {
+            return futures::future::Either::Left(self.inner.call(request));
+        }
+        let span = server_span(&request, &method, parent_cx);
         let response = {
             let _entered = span.enter();
             self.inner.call(request)
@@ -88,12 +105,12 @@ where
     }
 }
 
-fn server_span<B>(request: &Request<B>, method: &str) -> Span {
+fn server_span<B>(request: &Request<B>, method: &str, parent: Option<opentelemetry::Context>) -> Span {
     let connection = request.extensions().get::<TcpConnectInfo>();
     let local = connection.and_then(TcpConnectInfo::local_addr);
     let remote = connection.and_then(TcpConnectInfo::remote_addr);
     let span = tracing::info_span!(
-        target: "replicast::rpc",
+        target: "replicast::trace::rpc",
         "grpc.server",
         otel.name = format!("replicast.v1.Replicast/{method}"),
         otel.kind = "server",
@@ -107,12 +124,10 @@ fn server_span<B>(request: &Request<B>, method: &str) -> Span {
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
         otel.status_description = Empty,
-        messaging.system = Empty,
-        messaging.operation.type = Empty,
-        messaging.destination.name = Empty,
-        messaging.message.id = Empty,
     );
-    let _ = span.set_parent(propagation::extract_headers(request.headers()));
+    if let Some(parent) = parent {
+        let _ = span.set_parent(parent);
+    }
     span
 }
 

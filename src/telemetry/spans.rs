@@ -68,7 +68,7 @@ impl SendSpan {
             return Self::none();
         }
         let span = tracing::info_span!(
-            target: "replicast::fanout",
+            target: "replicast::trace::fanout",
             parent: parent,
             "send",
             otel.name = format!("send {}", message.topic()),
@@ -184,7 +184,7 @@ pub fn process(message: &EncodedMessage, parent: Context) -> Span {
         return Span::none();
     }
     let span = tracing::info_span!(
-        target: "replicast::delivery",
+        target: "replicast::trace::delivery",
         "process",
         otel.name = format!("process {}", message.topic()),
         otel.kind = "consumer",

@@ -22,8 +22,8 @@ use crate::{
         replica::replicast_server::Replicast,
         v1::{
             AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverRequest, DeliverResponse,
-            ListPeersRequest, ListPeersResponse, Message, Peer, PublishRequest, PublishResponse,
-            SubscribeRequest,
+            DeliveredFrame, ListPeersRequest, ListPeersResponse, Message, Peer, PublishRequest,
+            PublishResponse, SubscribeRequest,
         },
     },
     publish::PublishStream,
@@ -36,6 +36,11 @@ use crate::{
 };
 
 type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Request metadata with which a DeliverStream's sender accepts batched acks.
+pub const BATCH_ACKS: &str = "replicast-batch-acks";
+/// Frames acknowledged in one batch at most.
+const ACK_BATCH: usize = 256;
 
 /// The limits and lifecycle signals the RPC handlers work with.
 #[derive(Debug, Clone)]
@@ -195,6 +200,35 @@ impl ReplicastService {
         })
     }
 
+    /// Delivers one DeliverStream frame and answers it. Each message
+    /// continues the trace of the Broadcast that sent it; an empty context
+    /// means that Broadcast was not sampled: no span here either.
+    fn deliver_frame(&self, frame: InboundFrame) -> DeliverAck {
+        let parent = (telemetry::tracing_enabled() && !frame.trace_context.is_empty())
+            .then(|| propagation::extract_map(&frame.trace_context));
+        // A bad message fails its own ack; the stream carries on.
+        match self.deliver_one(frame.message.as_deref(), parent) {
+            Ok(mut response) => {
+                // The sender knows the id by the tag.
+                response.id.clear();
+                DeliverAck {
+                    tag: frame.tag,
+                    code: 0,
+                    error: String::new(),
+                    response: Some(response),
+                    also: Vec::new(),
+                }
+            }
+            Err(error) => DeliverAck {
+                tag: frame.tag,
+                code: error.code() as i32,
+                error: error.to_string(),
+                response: None,
+                also: Vec::new(),
+            },
+        }
+    }
+
     fn check_message(&self, message: &EncodedMessage, decoded: &Message) -> Result<(), Error> {
         if message.id().is_empty() {
             return Err(ValidationError::MissingField { field: "message.id" }.into());
@@ -275,33 +309,44 @@ impl Replicast for ReplicastService {
         &self,
         request: Request<Streaming<InboundFrame>>,
     ) -> Result<Response<Self::DeliverStreamStream>, Status> {
+        let batch_acks = request.metadata().get(BATCH_ACKS).is_some_and(|v| v == "1");
         let service = self.clone();
-        let acks = request.into_inner().map(move |frame| {
-            let frame = frame?;
-            // Each message continues the trace of the Broadcast that sent
-            // it. An empty context means that Broadcast was not sampled: no
-            // span here either.
-            let parent = (telemetry::tracing_enabled() && !frame.trace_context.is_empty())
-                .then(|| propagation::extract_map(&frame.trace_context));
-            // A bad message fails its own ack; the stream carries on.
-            Ok(match service.deliver_one(frame.message.as_deref(), parent) {
-                Ok(response) => DeliverAck {
-                    tag: frame.tag,
-                    code: 0,
-                    error: String::new(),
-                    response: Some(response),
-                },
-                Err(error) => {
-                    let status = Status::from(error);
-                    DeliverAck {
-                        tag: frame.tag,
-                        code: status.code() as i32,
-                        error: status.message().to_owned(),
-                        response: None,
+        // The frames tonic has decoded are taken together (never waiting for
+        // more), delivered one by one, and answered together when the sender
+        // accepts batched acks.
+        let acks = request
+            .into_inner()
+            .ready_chunks(ACK_BATCH)
+            .flat_map(move |frames| {
+                let mut acks = Vec::new();
+                let mut delivered: Option<DeliverAck> = None;
+                for frame in frames {
+                    let frame = match frame {
+                        Ok(frame) => frame,
+                        Err(status) => {
+                            acks.push(Err(status));
+                            break;
+                        }
+                    };
+                    let ack = service.deliver_frame(frame);
+                    match (&mut delivered, batch_acks && ack.code == 0) {
+                        (Some(first), true) => {
+                            let response = ack.response.unwrap_or_default();
+                            first.also.push(DeliveredFrame {
+                                tag: ack.tag,
+                                sequence: response.sequence,
+                                duplicate: response.duplicate,
+                            });
+                        }
+                        (None, true) => delivered = Some(ack),
+                        (_, false) => acks.push(Ok(ack)),
                     }
                 }
-            })
-        });
+                if let Some(delivered) = delivered {
+                    acks.insert(0, Ok(delivered));
+                }
+                futures::stream::iter(acks)
+            });
         // Peers keep delivering here while this replica drains.
         Ok(Response::new(until_stopped(acks, self.config.closing.clone())))
     }

@@ -445,6 +445,35 @@ async fn a_failing_peer_is_skipped_at_once_then_rejoins_when_it_comes_back() {
         receipt.message.contains("skipped") && receipt.message.contains("3 times in a row"),
         "a peer that keeps failing is skipped, with the reason: {receipt:?}"
     );
+    // ListPeers says why, without the logs.
+    let view = client
+        .list_peers(replicast::proto::v1::ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let peer = |addr: std::net::SocketAddr| {
+        view.peers
+            .iter()
+            .find(|p| p.address == addr.to_string())
+            .unwrap()
+            .clone()
+    };
+    let failing = peer(dead);
+    assert!(!failing.connected, "{failing:?}");
+    assert!(
+        failing.failing_since.is_some() && failing.skipped_until.is_some(),
+        "{failing:?}"
+    );
+    assert!(
+        failing.last_error.contains("cannot open the delivery stream"),
+        "{failing:?}"
+    );
+    assert!(failing.backlog >= 4, "its missed messages are held: {failing:?}");
+    let healthy = peer(cluster.addr(1));
+    assert!(
+        healthy.connected && healthy.failing_since.is_none(),
+        "{healthy:?}"
+    );
 
     // It comes back on the same address: a probe finds it, no restart needed.
     cluster.hosts.listeners[2] = Some(tokio::net::TcpListener::bind(dead).await.unwrap());

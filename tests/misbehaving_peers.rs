@@ -101,6 +101,7 @@ impl Replicast for FakePeer {
                     code: tonic::Code::Unavailable as i32,
                     error: "this replica is shutting down; reconnect to another replica".into(),
                     response: None,
+                    also: Vec::new(),
                 });
             }
             Ok(DeliverAck {
@@ -112,6 +113,7 @@ impl Replicast for FakePeer {
                     sequence: 1,
                     duplicate: false,
                 }),
+                also: Vec::new(),
             })
         });
         Ok(Response::new(Box::pin(acks)))

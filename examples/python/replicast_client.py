@@ -21,9 +21,16 @@ Use it as a library::
         for delivery in client.subscribe(["cache.*"]):
             handle(delivery.message.payload)
 
+        # Many messages in flight on one stream (the Publish RPC):
+        with client.publisher(window=256) as publisher:
+            futures = [publisher.publish("cache.invalidate", key) for key in keys]
+            for future in futures:
+                future.result()             # the BroadcastResponse, or raises ReplicastError
+
 or from a shell::
 
     python replicast_client.py --to 127.0.0.1:7420 broadcast --topic demo --data hello
+    printf 'a\nb\n' | python replicast_client.py --to 127.0.0.1:7420 publish --topic demo
     python replicast_client.py --to 127.0.0.1:7420 subscribe --topic 'demo*' --count 10
     python replicast_client.py --to 127.0.0.1:7420 health
     python replicast_client.py --to 127.0.0.1:7420 selftest
@@ -40,6 +47,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
+import itertools
 import getpass
 import hashlib
 import importlib
@@ -233,6 +242,103 @@ def _broadcast_response_from_details(err: grpc.RpcError):
     return None
 
 
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class Publisher:
+    """One Publish stream: many messages in flight, each answered by its tag.
+
+    :meth:`publish` returns a :class:`concurrent.futures.Future` that resolves
+    to the message's BroadcastResponse, or raises :class:`ReplicastError` with
+    the code the unary Broadcast would have had (its ``response`` holds the
+    receipts when the ack policy was not met). At most ``window`` messages are
+    unanswered at once; :meth:`publish` blocks beyond that, as the server stops
+    reading past its own ``--publish-window``. If the stream ends (the replica
+    drains or goes away), every unanswered message fails with the stream's
+    status: publish them again, to another replica, with the same ids.
+    """
+
+    def __init__(self, stub, window: int = 1024):
+        self._requests: queue.Queue = queue.Queue()
+        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(window)
+        self._tags = itertools.count(1)
+        self._ended: ReplicastError | None = None
+        self._call = stub.Publish(self._outgoing())
+        self._reader = threading.Thread(target=self._read, name="replicast-publish", daemon=True)
+        self._reader.start()
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        ack: AckArg = "all",
+        timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str = "",
+    ) -> concurrent.futures.Future:
+        """Queues one message; ``timeout`` (seconds) is its own deadline."""
+        self._slots.acquire()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        request = pb.PublishRequest(
+            tag=next(self._tags),
+            broadcast=pb.BroadcastRequest(
+                topic=topic, payload=payload, headers=dict(headers or {}), id=id, ack=_ack_policy(ack)
+            ),
+        )
+        if timeout is not None:
+            request.timeout.FromNanoseconds(int(timeout * 1e9))
+        with self._lock:
+            if self._ended is not None:
+                self._slots.release()
+                future.set_exception(self._ended)
+                return future
+            self._pending[request.tag] = future
+        self._requests.put(request)
+        return future
+
+    def close(self) -> None:
+        """Ends the stream after every queued message is answered."""
+        self._requests.put(None)
+        self._reader.join()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _outgoing(self) -> Iterator:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def _read(self) -> None:
+        ended = ReplicastError(grpc.StatusCode.UNAVAILABLE, "the Publish stream ended before answering")
+        try:
+            for response in self._call:
+                with self._lock:
+                    future = self._pending.pop(response.tag, None)
+                if future is None:
+                    continue
+                self._slots.release()
+                if response.code == 0:
+                    future.set_result(response.response)
+                else:
+                    code = _STATUS_CODES.get(response.code, grpc.StatusCode.UNKNOWN)
+                    received = response.response if response.HasField("response") else None
+                    future.set_exception(ReplicastError(code, response.error, received))
+        except grpc.RpcError as err:
+            ended = ReplicastError.from_rpc_error(err)
+        with self._lock:
+            self._ended = ended
+            unanswered, self._pending = self._pending, {}
+        for future in unanswered.values():
+            self._slots.release()
+            future.set_exception(ended)
+
+
 def _ack_policy(ack: AckArg) -> int:
     if isinstance(ack, int):
         return ack
@@ -338,6 +444,10 @@ class ReplicastClient:
             return self._stub.Broadcast(request, timeout=timeout)
         except grpc.RpcError as err:
             raise ReplicastError.from_rpc_error(err) from None
+
+    def publisher(self, *, window: int = 1024) -> Publisher:
+        """Opens a Publish stream (see :class:`Publisher`)."""
+        return Publisher(self._stub, window=window)
 
     def subscribe(
         self,
@@ -555,6 +665,25 @@ def selftest(target: str, timeout: float = 15.0) -> None:
             for c in clients:
                 c.close()
 
+        # Publish: many in flight on one stream, each answered by its tag; a
+        # bad message fails alone.
+        with client.publisher(window=32) as publisher:
+            futures = [publisher.publish(f"selftest.publish.{run}", str(i).encode(), ack="all") for i in range(200)]
+            bad = publisher.publish("not a valid topic!", b"x")
+            for i, future in enumerate(futures):
+                response = future.result(timeout=left())
+                _check(
+                    response.acked == len(peers),
+                    f"published message {i}: {response.acked} of {response.replicas} acked",
+                )
+            try:
+                bad.result(timeout=left())
+            except ReplicastError as err:
+                _check(err.code == grpc.StatusCode.INVALID_ARGUMENT, f"bad published message: {err.code.name}")
+            else:
+                raise SelftestFailure("a published message with an invalid topic succeeded")
+        print(f"selftest: 200 messages published on one stream, each acked by all {len(peers)} replicas")
+
         try:
             client.broadcast("not a valid topic!", b"x", timeout=left())
         except ReplicastError as err:
@@ -590,6 +719,24 @@ def _cmd_broadcast(args) -> int:
             return 1
     print(format_receipts(response))
     return 0
+
+
+def _cmd_publish(args) -> int:
+    """Publishes each line of standard input as one message."""
+    failed = 0
+    with ReplicastClient(args.to) as client, client.publisher(window=args.window) as publisher:
+        futures = [
+            publisher.publish(args.topic, line.rstrip(b"\n"), ack=args.ack, timeout=args.timeout)
+            for line in sys.stdin.buffer
+        ]
+        for n, future in enumerate(futures, start=1):
+            try:
+                response = future.result()
+                print(f"{n}: {response.id} acked by {response.acked} of {response.replicas}")
+            except ReplicastError as err:
+                failed += 1
+                print(f"{n}: failed: {err}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_subscribe(args) -> int:
@@ -655,6 +802,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--header", action="append", default=[], type=_header, metavar="KEY=VALUE")
     p.add_argument("--id", default="", help="idempotency key (generated when empty)")
     p.set_defaults(func=_cmd_broadcast)
+
+    p = sub.add_parser("publish", parents=[common], help="publish each line of stdin on one Publish stream")
+    p.add_argument("--topic", required=True)
+    p.add_argument("--ack", choices=["all", "quorum", "one", "none"], default="all")
+    p.add_argument("--timeout", type=float, default=None, help="each message's deadline in seconds")
+    p.add_argument("--window", type=int, default=1024, help="messages in flight at most")
+    p.set_defaults(func=_cmd_publish)
 
     p = sub.add_parser("subscribe", parents=[common], help="print deliveries as JSON lines")
     p.add_argument("--topic", action="append", default=[], help="topic or prefix* (repeatable; none = all)")

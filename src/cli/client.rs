@@ -9,7 +9,8 @@ use super::{CliError, connect};
 use crate::{
     error::{broadcast_response_from_status, code_name},
     proto::v1::{
-        AckPolicy, BroadcastRequest, BroadcastResponse, Delivery, ListPeersRequest, SubscribeRequest,
+        AckPolicy, BroadcastRequest, BroadcastResponse, Delivery, ListPeersRequest, PublishRequest,
+        SubscribeRequest,
     },
 };
 
@@ -34,9 +35,14 @@ pub struct SendArgs {
     /// How many replicas must acknowledge.
     #[arg(long, value_enum, default_value = "all")]
     pub ack: AckArg,
-    /// The call's deadline.
+    /// The call's deadline (with --stdin: each message's).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Send each line of standard input as one message, all on one Publish
+    /// stream (many in flight); prints one line per answer, in completion
+    /// order. --data and --id do not apply.
+    #[arg(long, conflicts_with_all = ["data", "id"])]
+    pub stdin: bool,
 }
 
 /// `--ack` values.
@@ -67,6 +73,9 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 
 /// Broadcasts one message; exit code 1 when the ack policy was not met.
 pub async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
+    if args.stdin {
+        return send_lines(args).await;
+    }
     let payload = match args.data.strip_prefix('@') {
         Some(path) => tokio::fs::read(path)
             .await
@@ -99,6 +108,86 @@ pub async fn send(args: SendArgs) -> Result<ExitCode, CliError> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `send --stdin`: every line a message on one Publish stream. Exit code 1
+/// when any message failed.
+async fn send_lines(args: SendArgs) -> Result<ExitCode, CliError> {
+    let mut client = connect(&args.to).await?;
+    let (request_tx, request_rx) = tokio::sync::mpsc::channel(256);
+    let mut responses = client
+        .publish(tokio_stream::wrappers::ReceiverStream::new(request_rx))
+        .await?
+        .into_inner();
+    let template = BroadcastRequest {
+        topic: args.topic,
+        payload: Default::default(),
+        headers: args.headers.into_iter().collect(),
+        id: String::new(),
+        ack: AckPolicy::from(args.ack) as i32,
+    };
+    let timeout = prost_types::Duration::try_from(args.timeout).ok();
+    // Reads while answers are printed; ends (closing the stream) at EOF.
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        let mut sent = 0u64;
+        while let Ok(Some(line)) = lines.next_line().await {
+            sent += 1;
+            let request = PublishRequest {
+                tag: sent,
+                broadcast: Some(BroadcastRequest {
+                    payload: line.into_bytes().into(),
+                    ..template.clone()
+                }),
+                timeout,
+            };
+            if request_tx.send(request).await.is_err() {
+                break; // the stream ended; the count below says so
+            }
+        }
+        sent
+    });
+    let (mut answered, mut failed) = (0u64, 0u64);
+    let ended = loop {
+        match responses.message().await {
+            Ok(Some(response)) => {
+                answered += 1;
+                match &response.response {
+                    Some(r) if response.code == 0 => println!(
+                        "line {}: message {}: {} of {} replicas acknowledged",
+                        response.tag, r.id, r.acked, r.replicas
+                    ),
+                    _ => {
+                        failed += 1;
+                        eprintln!(
+                            "replicast: line {}: {}: {}",
+                            response.tag,
+                            code_name(tonic::Code::from_i32(response.code)),
+                            response.error
+                        );
+                    }
+                }
+            }
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    let sent = reader.await.unwrap_or(answered);
+    if let Some(status) = ended {
+        eprintln!(
+            "replicast: the Publish stream ended with {} unanswered: {}: {}",
+            sent.saturating_sub(answered),
+            code_name(status.code()),
+            status.message()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn print_receipts(response: &BroadcastResponse) {
@@ -254,7 +343,46 @@ pub async fn peers(args: PeersArgs) -> Result<ExitCode, CliError> {
         println!("error:    {}", view.last_error);
     }
     for peer in &view.peers {
-        println!("  {}{}", peer.address, if peer.local { "  (self)" } else { "" });
+        println!("  {}", peer_line(peer));
+    }
+    if !view.departed.is_empty() {
+        println!("departed (not targeted; messages they missed are still held):");
+        for peer in &view.departed {
+            println!("  {}", peer_line(peer));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// "10.0.0.2:7420  failing since 12:00:01 (skipped until 12:00:04, 12 missed): no answer within 1s".
+fn peer_line(peer: &crate::proto::v1::Peer) -> String {
+    if peer.local {
+        return format!("{}  (self)", peer.address);
+    }
+    let time = |t: &Option<prost_types::Timestamp>| {
+        t.and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .map(|t| humantime::format_rfc3339_millis(t).to_string())
+    };
+    let mut line = format!(
+        "{}  {}",
+        peer.address,
+        if peer.connected {
+            "connected"
+        } else {
+            "not connected"
+        }
+    );
+    if let Some(since) = time(&peer.failing_since) {
+        line.push_str(&format!(", failing since {since}"));
+    }
+    if let Some(until) = time(&peer.skipped_until) {
+        line.push_str(&format!(", skipped until {until}"));
+    }
+    if peer.backlog > 0 {
+        line.push_str(&format!(", {} missed messages held", peer.backlog));
+    }
+    if !peer.last_error.is_empty() {
+        line.push_str(&format!(": {}", peer.last_error));
+    }
+    line
 }

@@ -255,9 +255,16 @@ impl Transport for GrpcTransport {
             grpc.ready()
                 .await
                 .map_err(|e| Status::unavailable(error_chain(&e)))?;
+            let mut request = tonic::Request::new(frames);
+            // This end takes batched acks (see the proto); an older peer
+            // ignores the header and acks each frame.
+            request.metadata_mut().insert(
+                crate::service::BATCH_ACKS,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
             let response = grpc
                 .streaming(
-                    tonic::Request::new(frames),
+                    request,
                     PathAndQuery::from_static(DELIVER_STREAM),
                     tonic_prost::ProstCodec::<OutboundFrame, DeliverAck>::default(),
                 )
@@ -650,9 +657,21 @@ impl<T: Transport> LinkTask<T> {
         }
     }
 
-    fn on_ack(&mut self, ack: DeliverAck) {
+    fn on_ack(&mut self, mut ack: DeliverAck) {
         if let Some(session) = self.session.as_mut() {
             session.unanswered_since = None;
+        }
+        // A batched ack: the other frames it acknowledges were delivered.
+        for more in std::mem::take(&mut ack.also) {
+            if self.hops.get(&more.tag).is_some_and(|hop| hop.sent) {
+                self.finish(
+                    more.tag,
+                    Ok(Acked {
+                        sequence: more.sequence,
+                        duplicate: more.duplicate,
+                    }),
+                );
+            }
         }
         if !self.hops.get(&ack.tag).is_some_and(|hop| hop.sent) {
             return; // timed out meanwhile

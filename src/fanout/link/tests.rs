@@ -38,6 +38,31 @@ impl PeerEnd {
                 sequence,
                 duplicate: false,
             }),
+            also: Vec::new(),
+        }));
+    }
+
+    /// One ack for several frames, as a replica batches them.
+    fn ack_all(&self, frames: &[OutboundFrame]) {
+        let (first, rest) = frames.split_first().expect("at least one frame");
+        let _ = self.acks.send(Ok(DeliverAck {
+            tag: first.tag,
+            code: 0,
+            error: String::new(),
+            response: Some(DeliverResponse {
+                id: String::new(),
+                sequence: 1,
+                duplicate: false,
+            }),
+            also: rest
+                .iter()
+                .enumerate()
+                .map(|(i, frame)| crate::proto::v1::DeliveredFrame {
+                    tag: frame.tag,
+                    sequence: i as u64 + 2,
+                    duplicate: false,
+                })
+                .collect(),
         }));
     }
 
@@ -47,6 +72,7 @@ impl PeerEnd {
             code: Code::Unavailable as i32,
             error: "draining".into(),
             response: None,
+            also: Vec::new(),
         }));
     }
 }
@@ -201,6 +227,23 @@ async fn the_stream_opens_before_the_first_hop_and_acks_are_matched_by_tag() {
     assert_eq!(receipt(&mut first).await.unwrap().sequence, 7);
     assert_eq!(receipt(&mut second).await.unwrap().sequence, 8);
     assert!(h.link.status().connected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_batched_ack_answers_every_frame_it_names() {
+    let mut h = harness();
+    let mut peer = h.peer_end().await;
+    let mut receipts: Vec<_> = (0..5).map(|i| h.submit(&format!("m{i}"))).collect();
+    let mut frames = Vec::new();
+    for _ in 0..5 {
+        frames.push(peer.frame().await);
+    }
+    peer.ack_all(&frames);
+    let mut sequences = Vec::new();
+    for rx in &mut receipts {
+        sequences.push(receipt(rx).await.unwrap().sequence);
+    }
+    assert_eq!(sequences, vec![1, 2, 3, 4, 5]);
 }
 
 #[tokio::test(start_paused = true)]

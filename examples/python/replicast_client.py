@@ -242,9 +242,6 @@ def _broadcast_response_from_details(err: grpc.RpcError):
     return None
 
 
-_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
 class Publisher:
     """One Publish stream: many messages in flight, each answered by its tag.
 
@@ -326,7 +323,7 @@ class Publisher:
                 if response.code == 0:
                     future.set_result(response.response)
                 else:
-                    code = _STATUS_CODES.get(response.code, grpc.StatusCode.UNKNOWN)
+                    code = _CODES.get(response.code, grpc.StatusCode.UNKNOWN)
                     received = response.response if response.HasField("response") else None
                     future.set_exception(ReplicastError(code, response.error, received))
         except grpc.RpcError as err:
@@ -510,6 +507,8 @@ def format_receipts(response) -> str:
         if o.code != 0 and o.message:
             notes.append(o.message)
         lines.append(f"  {o.peer:<24} {status:<18} {latency:>9}  {' '.join(notes)}")
+    if response.omitted_outcomes:
+        lines.append(f"  ... and {response.omitted_outcomes} more receipts left out to keep the status under 8 KiB")
     return "\n".join(lines)
 
 

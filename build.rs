@@ -86,6 +86,8 @@ fn replica_service() -> Service {
                 v1("SubscribeRequest"),
                 "crate::wire::EncodedDelivery".into(),
             )
+            // Small buffers per stream: there may be 10,000 of them.
+            .codec_path("crate::wire::SubscribeCodec")
             .server_streaming()
             .build(),
         )

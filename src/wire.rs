@@ -208,6 +208,34 @@ pub struct EncodedDelivery {
     pub incarnation: u64,
 }
 
+/// The codec of Subscribe streams: prost, with small buffers. tonic's
+/// default keeps an 8 KiB buffer per stream and writes up to 32 KiB of ready
+/// deliveries at once; a subscriber that reads slowly then has that chunk
+/// waiting in this replica's HTTP/2 buffers. For 10,000 subscribers that was
+/// 80 MB idle and 1.2 GB at 1,000 messages a second (measured with
+/// `examples/subscribers.rs`). 1 KiB and 4 KiB bound it per subscriber.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SubscribeCodec;
+
+impl tonic::codec::Codec for SubscribeCodec {
+    type Encode = EncodedDelivery;
+    type Decode = crate::proto::v1::SubscribeRequest;
+    type Encoder = tonic_prost::ProstEncoder<EncodedDelivery>;
+    type Decoder = tonic_prost::ProstDecoder<crate::proto::v1::SubscribeRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstCodec::<EncodedDelivery, crate::proto::v1::SubscribeRequest>::raw_encoder(
+            tonic::codec::BufferSettings::new(1024, 4096),
+        )
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstCodec::<EncodedDelivery, crate::proto::v1::SubscribeRequest>::raw_decoder(
+            tonic::codec::BufferSettings::default(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

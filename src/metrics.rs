@@ -1,13 +1,14 @@
 //! Prometheus metrics of one replica, served as text on `--metrics-listen`.
 //!
-//! Counters and histograms are updated where things happen; gauges of
-//! current state (peers, subscribers, ring occupancy, fan-outs in flight,
-//! dropped spans) are read from their owners at scrape time by
+//! Counters and histograms are updated where things happen (per-peer
+//! handles are resolved once by each peer's link, not looked up per hop);
+//! gauges of current state (peers, subscribers, ring occupancy, fan-outs in
+//! flight, dropped spans) are read from their owners at scrape time by
 //! [`StateCollector`], so the hot path pays nothing for them. Each replica
 //! has its own [`Registry`]: several replicas in one process (dev-cluster,
 //! tests) do not mix their numbers.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::response::IntoResponse;
 
@@ -22,10 +23,8 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-
-use crate::{discovery::PeerSnapshot, fanout::FanOut, local::LocalDelivery};
 
 /// Labels of a finished Broadcast.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,15 +123,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records one hop's outcome and latency.
-    pub fn record_hop(&self, peer: SocketAddr, result: &'static str, latency: Duration) {
-        let peer = peer.to_string();
-        self.hop_latency
-            .get_or_create(&PeerLabels { peer: peer.clone() })
-            .observe(latency.as_secs_f64());
-        self.hops.get_or_create(&HopLabels { peer, result }).inc();
-    }
-
     /// Drops the per-peer series of a peer that left the peer set.
     pub fn forget_peer(&self, peer: SocketAddr) {
         let peer = peer.to_string();
@@ -205,58 +195,78 @@ impl Metrics {
     }
 }
 
-/// Reads a replica's current state at scrape time.
-#[derive(Debug)]
-pub struct StateCollector {
-    pub local: Arc<LocalDelivery>,
-    pub fanout: Arc<FanOut>,
-    pub peers_rx: watch::Receiver<Arc<PeerSnapshot>>,
+/// A replica's current state, as the gauges show it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplicaState {
+    pub redelivery_backlog: usize,
+    pub peers: usize,
+    pub peers_stale: bool,
+    pub subscribers: usize,
+    pub ring_messages: usize,
+    pub ring_bytes: usize,
+    pub fanouts_in_flight: usize,
+    pub last_sequence: u64,
+}
+
+/// Reads a replica's current state at scrape time, through a closure the
+/// server gives it: this module depends on no other part of the replica.
+pub struct StateCollector(Box<dyn Fn() -> ReplicaState + Send + Sync>);
+
+impl StateCollector {
+    pub fn new(read: impl Fn() -> ReplicaState + Send + Sync + 'static) -> Self {
+        Self(Box::new(read))
+    }
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StateCollector").finish_non_exhaustive()
+    }
 }
 
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let snapshot = self.peers_rx.borrow().clone();
-        let ring = self.local.ring_occupancy();
+        let state = (self.0)();
         let gauges: [(&str, &str, i64); 8] = [
             (
                 "replicast_redelivery_backlog",
                 "Missed messages waiting to be redelivered",
-                self.fanout.redelivery_backlog() as i64,
+                state.redelivery_backlog as i64,
             ),
             (
                 "replicast_peers",
                 "Replicas in the current peer set",
-                snapshot.peers.len() as i64,
+                state.peers as i64,
             ),
             (
                 "replicast_peers_stale",
                 "1 when the last peer lookup failed and the last good set is in use",
-                i64::from(snapshot.stale),
+                i64::from(state.peers_stale),
             ),
             (
                 "replicast_subscribers",
                 "Subscribe streams attached",
-                self.local.subscriber_count() as i64,
+                state.subscribers as i64,
             ),
             (
                 "replicast_replay_ring_messages",
                 "Deliveries held in the replay ring",
-                ring.messages as i64,
+                state.ring_messages as i64,
             ),
             (
                 "replicast_replay_ring_bytes",
                 "Encoded bytes held in the replay ring",
-                ring.bytes as i64,
+                state.ring_bytes as i64,
             ),
             (
                 "replicast_fanouts_in_flight",
                 "Broadcasts whose deliveries are not all finished",
-                self.fanout.in_flight() as i64,
+                state.fanouts_in_flight as i64,
             ),
             (
                 "replicast_last_sequence",
                 "The last sequence number this replica assigned",
-                i64::try_from(self.local.last_sequence()).unwrap_or(i64::MAX),
+                i64::try_from(state.last_sequence).unwrap_or(i64::MAX),
             ),
         ];
         for (name, help, value) in gauges {

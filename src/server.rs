@@ -14,7 +14,7 @@ use crate::{
     discovery::{DiscoveryError, LookupCounters, spawn_discovery},
     fanout::{BacklogBudget, Connect, FanOut, Link, LinkConfig, PeerLink},
     local::LocalDelivery,
-    metrics::{Metrics, StateCollector},
+    metrics::{Metrics, ReplicaState, StateCollector},
     oversize::OversizeLayer,
     proto::{self, replica::replicast_server::ReplicastServer},
     service::{ReplicastService, ServiceConfig},
@@ -126,11 +126,21 @@ pub async fn serve(
     );
     let metrics_endpoint = metrics_listener.map(|listener| {
         info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
-        let registry = metrics.registry(StateCollector {
-            local: local.clone(),
-            fanout: fanout.clone(),
-            peers_rx: discovery.subscribe(),
-        });
+        let (local, fanout, peers_rx) = (local.clone(), fanout.clone(), discovery.subscribe());
+        let registry = metrics.registry(StateCollector::new(move || {
+            let snapshot = peers_rx.borrow().clone();
+            let ring = local.ring_occupancy();
+            ReplicaState {
+                redelivery_backlog: fanout.redelivery_backlog(),
+                peers: snapshot.peers.len(),
+                peers_stale: snapshot.stale,
+                subscribers: local.subscriber_count(),
+                ring_messages: ring.messages,
+                ring_bytes: ring.bytes,
+                fanouts_in_flight: fanout.in_flight(),
+                last_sequence: local.last_sequence(),
+            }
+        }));
         // Up until the very end: a drain is worth watching.
         crate::metrics::spawn_endpoint(listener, registry, closing_token.clone())
     });

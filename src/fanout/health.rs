@@ -120,6 +120,11 @@ impl PeerHealth {
         self.failing_since
     }
 
+    /// Failures in a row so far.
+    pub fn failures(&self) -> u32 {
+        self.failures_in_a_row
+    }
+
     /// The last failure, if the peer has failed since it last answered.
     pub fn last_error(&self) -> Option<&HopError> {
         self.last_error.as_ref()

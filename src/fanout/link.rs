@@ -325,6 +325,7 @@ impl PeerLink {
             housekeeping: Box::pin(tokio::time::sleep(Duration::ZERO)),
             housekeeping_at: None,
             metrics: PeerMetrics::new(addr, metrics),
+            published: None,
         };
         // A root span: the link outlives the Broadcast that happened to
         // create it. Its target is one the trace exporter ignores.
@@ -469,6 +470,18 @@ struct HopState {
     sent: bool,
 }
 
+/// What a published [`LinkStatus`] was built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatusKey {
+    connected: bool,
+    failing_since: Option<Instant>,
+    skip_until: Option<Instant>,
+    failures: u32,
+    backlog: usize,
+    retiring: bool,
+    idle: bool,
+}
+
 /// One open or opening DeliverStream.
 struct Session {
     frame_tx: mpsc::Sender<OutboundFrame>,
@@ -516,6 +529,8 @@ struct LinkTask<T> {
     housekeeping: Pin<Box<Sleep>>,
     housekeeping_at: Option<Instant>,
     metrics: PeerMetrics,
+    /// What the last published status was built from.
+    published: Option<StatusKey>,
 }
 
 impl<T: Transport> LinkTask<T> {
@@ -920,8 +935,22 @@ impl<T: Transport> LinkTask<T> {
         }
     }
 
+    /// Publishes the link's state for ListPeers when it changed: a cheap
+    /// comparison per event, the status itself rebuilt only on a change.
     fn publish_status(&mut self) {
-        let connected = matches!(self.session.as_ref().map(|s| &s.acks), Some(SessionAcks::Open(_)));
+        let key = StatusKey {
+            connected: matches!(self.session.as_ref().map(|s| &s.acks), Some(SessionAcks::Open(_))),
+            failing_since: self.health.failing_since(),
+            skip_until: self.health.skip_until(),
+            failures: self.health.failures(),
+            backlog: self.backlog.waiting(),
+            retiring: self.retiring,
+            idle: self.retiring && self.hops.is_empty() && self.backlog.is_empty(),
+        };
+        if self.published == Some(key) {
+            return;
+        }
+        self.published = Some(key);
         let now = Instant::now();
         let wall = |at: Instant| {
             let (now_wall, at_std, now_std) = (SystemTime::now(), at.into_std(), now.into_std());
@@ -931,30 +960,14 @@ impl<T: Transport> LinkTask<T> {
                 now_wall - (now_std - at_std)
             }
         };
-        let health = &self.health;
-        let backlog = self.backlog.waiting();
-        let retiring = self.retiring;
-        let idle = retiring && self.hops.is_empty() && self.backlog.is_empty();
-        self.status_tx.send_if_modified(|status| {
-            let changed = status.connected != connected
-                || status.failing_since.is_some() != health.failing_since().is_some()
-                || status.skipped_until.is_some() != health.skip_until().is_some()
-                || status.backlog != backlog
-                || status.retiring != retiring
-                || status.idle != idle
-                || (health.last_error().is_some() && status.last_error.is_none());
-            if changed {
-                *status = LinkStatus {
-                    connected,
-                    failing_since: health.failing_since().map(wall),
-                    last_error: health.last_error().map(ToString::to_string),
-                    skipped_until: health.skip_until().map(wall),
-                    backlog,
-                    retiring,
-                    idle,
-                };
-            }
-            changed
+        self.status_tx.send_replace(LinkStatus {
+            connected: key.connected,
+            failing_since: key.failing_since.map(wall),
+            last_error: self.health.last_error().map(ToString::to_string),
+            skipped_until: key.skip_until.map(wall),
+            backlog: key.backlog,
+            retiring: key.retiring,
+            idle: key.idle,
         });
     }
 

@@ -1,11 +1,14 @@
-//! A tower layer that gives every replicast RPC a server span, continuing
-//! the caller's trace from its `traceparent` metadata.
+//! A tower layer that gives every sampled replicast RPC a server span,
+//! continuing the caller's trace from its `traceparent` metadata. The
+//! sampling decision comes first (see `sampling`): an unsampled call gets no
+//! span at all.
 //!
 //! Health checks and reflection are not traced (a probe every few seconds is
 //! noise), nor is the opening of a DeliverStream: it is a long-lived pipe,
-//! and each message on it gets a Deliver span parented to the hop that sent
-//! it. For unary calls the span ends with the response and records its gRPC
-//! status; for Subscribe it covers the call's setup.
+//! and each message on it gets a process span parented to the send span of
+//! the Broadcast that sent it. For unary calls the span ends with the
+//! response and records its gRPC status; for Subscribe and Publish it covers
+//! the call's setup (a Publish's messages are send spans under it).
 
 use std::{
     future::Future,

@@ -77,6 +77,11 @@ impl BacklogBudget {
         self.bytes.fetch_sub(size, Ordering::Relaxed);
         self.messages.fetch_sub(1, Ordering::Relaxed);
     }
+
+    fn release_many(&self, messages: usize, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.messages.fetch_sub(messages, Ordering::Relaxed);
+    }
 }
 
 /// A message the peer has not acknowledged.
@@ -108,6 +113,11 @@ pub struct Backlog {
     waiting: VecDeque<Missed>,
     /// Ids held, waiting or being retried.
     ids: HashSet<String>,
+    /// Messages taken and not yet put back or finished, and their bytes:
+    /// released from the budget with the backlog even if their retry never
+    /// reports back (the link stopped or was aborted).
+    taken: usize,
+    taken_bytes: usize,
 }
 
 impl Backlog {
@@ -118,6 +128,8 @@ impl Backlog {
             budget,
             waiting: VecDeque::new(),
             ids: HashSet::new(),
+            taken: 0,
+            taken_bytes: 0,
         }
     }
 
@@ -140,19 +152,25 @@ impl Backlog {
         Offered::Queued
     }
 
-    /// Drops what is past the window at `now`; returns how many.
+    /// Drops what is past the window at `now`; returns how many. Looks at
+    /// every waiting message: retries put back out of order, so the oldest
+    /// is not always at the front.
     pub fn expire(&mut self, now: Instant) -> usize {
-        let mut expired = 0;
-        while let Some(front) = self.waiting.front() {
-            if now.saturating_duration_since(front.missed_at) <= self.window {
-                break;
+        let window = self.window;
+        let mut gone = Vec::new();
+        self.waiting.retain(|missed| {
+            let keep = now.saturating_duration_since(missed.missed_at) <= window;
+            if !keep {
+                gone.push((missed.message.id().to_owned(), missed.message.encoded_len()));
             }
-            if let Some(missed) = self.waiting.pop_front() {
-                self.release(&missed);
-                expired += 1;
+            keep
+        });
+        for (id, size) in &gone {
+            if self.ids.remove(id) {
+                self.budget.release(*size);
             }
         }
-        expired
+        gone.len()
     }
 
     /// Up to `limit` waiting messages, to retry. They stay counted against
@@ -160,16 +178,21 @@ impl Backlog {
     /// or [`finish`](Self::finish).
     pub fn take(&mut self, limit: usize) -> Vec<Missed> {
         let n = limit.min(self.waiting.len());
-        self.waiting.drain(..n).collect()
+        let batch: Vec<Missed> = self.waiting.drain(..n).collect();
+        self.taken += batch.len();
+        self.taken_bytes += batch.iter().map(|m| m.message.encoded_len()).sum::<usize>();
+        batch
     }
 
-    /// Returns a message whose retry failed, at the front (it is the oldest).
+    /// Returns a taken message whose retry failed, at the front.
     pub fn put_back(&mut self, missed: Missed) {
+        self.untake(&missed);
         self.waiting.push_front(missed);
     }
 
     /// Releases a taken message that is done with (delivered, or given up).
     pub fn finish(&mut self, missed: &Missed) {
+        self.untake(missed);
         self.release(missed);
     }
 
@@ -180,6 +203,11 @@ impl Backlog {
             self.release(missed);
         }
         all.len()
+    }
+
+    fn untake(&mut self, missed: &Missed) {
+        self.taken = self.taken.saturating_sub(1);
+        self.taken_bytes = self.taken_bytes.saturating_sub(missed.message.encoded_len());
     }
 
     /// Messages waiting (not being retried).
@@ -201,8 +229,10 @@ impl Backlog {
 
 impl Drop for Backlog {
     fn drop(&mut self) {
-        // Whatever a finished link still held no longer counts.
+        // Whatever a finished link still held no longer counts, including
+        // messages taken for a retry that never reported back.
         self.clear();
+        self.budget.release_many(self.taken, self.taken_bytes);
     }
 }
 
@@ -297,6 +327,38 @@ mod tests {
             b.push(msg("a"), now),
             Offered::Queued,
             "missed again later: held again"
+        );
+    }
+
+    #[test]
+    fn expiry_finds_old_messages_behind_newer_ones() {
+        let t0 = Instant::now();
+        let mut b = Backlog::new(Duration::from_secs(30), BacklogBudget::new(1 << 20));
+        b.push(msg("old"), t0);
+        b.push(msg("new"), t0 + Duration::from_secs(20));
+        let batch = b.take(2);
+        // Retries report back in any order: "new" ends up in front of "old".
+        let mut batch = batch.into_iter();
+        let (old, new) = (batch.next().unwrap(), batch.next().unwrap());
+        b.put_back(old);
+        b.put_back(new);
+        assert_eq!(b.expire(t0 + Duration::from_secs(31)), 1);
+        assert_eq!(ids(&b.take(10)), vec!["new"]);
+    }
+
+    #[test]
+    fn a_dropped_backlog_releases_what_was_taken_too() {
+        let budget = BacklogBudget::new(1 << 20);
+        let mut b = Backlog::new(Duration::from_secs(30), budget.clone());
+        let now = Instant::now();
+        b.push(msg("a"), now);
+        b.push(msg("b"), now);
+        let _in_flight = b.take(1);
+        drop(b);
+        assert_eq!(
+            (budget.messages(), budget.bytes()),
+            (0, 0),
+            "nothing stays reserved"
         );
     }
 

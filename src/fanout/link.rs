@@ -279,6 +279,9 @@ impl Transport for GrpcTransport {
 #[derive(Debug)]
 pub struct PeerLink {
     hop_tx: mpsc::Sender<Hop>,
+    /// Messages of hops refused because `hop_tx` was full: the task keeps
+    /// them for redelivery like any other miss.
+    refused_tx: mpsc::Sender<EncodedMessage>,
     membership_tx: watch::Sender<Membership>,
     status_rx: watch::Receiver<LinkStatus>,
     task: JoinHandle<()>,
@@ -304,12 +307,14 @@ impl PeerLink {
         metrics: &Metrics,
     ) -> Self {
         let (hop_tx, hop_rx) = mpsc::channel(HOP_QUEUE);
+        let (refused_tx, refused_rx) = mpsc::channel(HOP_QUEUE);
         let (membership_tx, membership_rx) = watch::channel(Membership::Member);
         let (status_tx, status_rx) = watch::channel(LinkStatus::default());
         let task = LinkTask {
             config,
             transport,
             hop_rx,
+            refused_rx,
             membership_rx,
             status_tx,
             hops: foldhash::HashMap::default(),
@@ -332,6 +337,7 @@ impl PeerLink {
         let span = tracing::info_span!(target: "replicast::link", parent: None, "peer_link", peer = %addr);
         Self {
             hop_tx,
+            refused_tx,
             membership_tx,
             status_rx,
             task: tokio::spawn(task.run().instrument(span)),
@@ -345,7 +351,13 @@ impl Link for PeerLink {
         // own hops at once instead of piling up Broadcasts.
         if let Err(error) = self.hop_tx.try_send(hop) {
             let (hop, error) = match error {
-                mpsc::error::TrySendError::Full(hop) => (hop, HopError::Saturated(HOP_QUEUE)),
+                mpsc::error::TrySendError::Full(hop) => {
+                    // Missed, so kept for redelivery; if even that queue is
+                    // full the task is far behind, and the message is given
+                    // up (the receipt says so).
+                    let _ = self.refused_tx.try_send(hop.message.clone());
+                    (hop, HopError::Saturated(HOP_QUEUE))
+                }
                 mpsc::error::TrySendError::Closed(hop) => (hop, HopError::LinkStopped),
             };
             let latency = hop.started.elapsed();
@@ -509,6 +521,7 @@ struct LinkTask<T> {
     config: LinkConfig,
     transport: T,
     hop_rx: mpsc::Receiver<Hop>,
+    refused_rx: mpsc::Receiver<EncodedMessage>,
     membership_rx: watch::Receiver<Membership>,
     status_tx: watch::Sender<LinkStatus>,
     /// By tag. A fast hash: tags are this task's own counter, not input.
@@ -543,6 +556,7 @@ impl<T: Transport> LinkTask<T> {
                     // Every handle is gone.
                     None => break,
                 },
+                Some(message) = self.refused_rx.recv() => self.hold(message, Instant::now()),
                 changed = self.membership_rx.changed() => {
                     let membership = *self.membership_rx.borrow_and_update();
                     if changed.is_err() || membership == Membership::Stopping {
@@ -562,8 +576,16 @@ impl<T: Transport> LinkTask<T> {
             self.publish_status();
         }
         // Broadcasts still waiting see their receipt channel close, and
-        // report these hops as pending.
-        self.hops.clear();
+        // report these hops as pending; redeliveries in flight are given up
+        // with the rest of the backlog.
+        for (_, hop) in self.hops.drain() {
+            if let Purpose::Redelivery { missed_at } = hop.purpose {
+                self.backlog.put_back(Missed {
+                    message: hop.message,
+                    missed_at,
+                });
+            }
+        }
         self.give_up_backlog("shutting down");
     }
 
@@ -628,8 +650,10 @@ impl<T: Transport> LinkTask<T> {
                 self.on_transient(tag, HopError::NotReading(FRAME_QUEUE));
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                // The stream is gone; the next send opens another.
-                self.session = None;
+                // The stream is gone (the peer closed it before its acks
+                // said so): every hop on it is retried, this one too, and
+                // the next send opens another.
+                self.end_session(HopError::StreamClosed);
                 self.on_transient(tag, HopError::StreamClosed);
             }
         }

@@ -277,6 +277,10 @@ impl FanOut {
 
         let id = message.id().to_owned();
         let local = self.deliver_to_self(message, send_span);
+        // From here the hops' receipt senders hold the permit: a Broadcast
+        // whose caller stops polling it (a Publish stream nobody reads)
+        // releases it when its hops are done, not when it is polled again.
+        drop(permit);
         match &local {
             Ok(_) => tally.ack(),
             Err(_) => tally.fail(),

@@ -337,6 +337,24 @@ async fn broadcasts_beyond_the_limit_are_refused_while_background_hops_hold_perm
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_broadcast_nobody_polls_releases_its_permit_when_its_hops_are_done() {
+    let (fanout, _) = fanout(vec![Answer::AckAfter(Duration::from_millis(10))], 1);
+    let peers = with_peers(&fanout, 1);
+    let mut call = Box::pin(broadcast(&fanout, &peers, "m", AckPolicy::All, None));
+    assert!(
+        futures::poll!(call.as_mut()).is_pending(),
+        "waiting for the peer's receipt"
+    );
+    // Like a Publish stream whose client stopped reading: not polled again.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(fanout.in_flight(), 0, "the hops are done; the permit is back");
+    assert!(
+        call.await.is_ok(),
+        "and the receipt is still there when it is polled"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn links_open_when_peers_join_and_retire_when_they_leave() {
     let (fanout, made) = fanout(vec![], 16);
     with_peers(&fanout, 3);

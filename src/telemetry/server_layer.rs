@@ -30,7 +30,7 @@ use super::{
 use opentelemetry::trace::TraceContextExt as _;
 
 /// Methods whose status arrives at the end of a stream, after the span.
-const STREAMING: [&str; 1] = ["Subscribe"];
+const STREAMING: [&str; 2] = ["Subscribe", "Publish"];
 /// Not traced as a call; see the module documentation.
 const UNTRACED: &str = "DeliverStream";
 const TRACED_PREFIX: &str = "/replicast.v1.Replicast/";

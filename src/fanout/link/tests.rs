@@ -288,6 +288,36 @@ async fn a_broken_stream_is_reopened_and_its_hops_retried_within_their_deadline(
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stream_found_closed_on_send_retries_every_hop_that_was_on_it() {
+    let mut h = harness();
+    let mut peer = h.peer_end().await;
+    let mut first = h.submit("a");
+    let _taken = peer.frame().await;
+    // The peer's end closes the frames before any ack or end of stream.
+    let PeerEnd {
+        frames,
+        acks: _still_open,
+    } = peer;
+    drop(frames);
+    let mut second = h.submit("b");
+    let mut fresh = h.peer_end().await;
+    let mut resent = Vec::new();
+    for _ in 0..2 {
+        let frame = fresh.frame().await;
+        resent.push(id_of(&frame));
+        fresh.ack(&frame, resent.len() as u64);
+    }
+    resent.sort();
+    assert_eq!(
+        resent,
+        vec!["a", "b"],
+        "the hop already on the closed stream is retried too"
+    );
+    assert!(receipt(&mut first).await.is_ok());
+    assert!(receipt(&mut second).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_unavailable_ack_is_retried_not_final() {
     let mut h = harness();
     let mut peer = h.peer_end().await;

@@ -468,24 +468,32 @@ fn outcome_label(result: &Result<BroadcastResponse, Error>) -> &'static str {
 
 /// Ends a long-lived response stream with UNAVAILABLE once `stop` fires, so
 /// the client reconnects elsewhere and graceful shutdown is not held up.
+/// What the stream has ready at that moment goes out first (at most
+/// [`ACK_BATCH`] items): those are acks of frames already delivered, and a
+/// dropped one would make the sender redeliver to the next incarnation.
 fn until_stopped<T: Send + 'static>(
     stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
     stop: CancellationToken,
 ) -> RpcStream<T> {
     let stream = Box::pin(stream);
     Box::pin(futures::stream::unfold(
-        Some((stream, stop)),
+        Some((stream, stop, 0usize)),
         |state| async move {
-            let (mut stream, stop) = state?;
+            let (mut stream, stop, flushed) = state?;
             tokio::select! {
                 biased;
                 () = stop.cancelled() => {
+                    if flushed < ACK_BATCH
+                        && let Some(Some(Ok(item))) = futures::FutureExt::now_or_never(stream.next())
+                    {
+                        return Some((Ok(item), Some((stream, stop, flushed + 1))));
+                    }
                     let status: Status = Error::ShuttingDown.into();
                     tracing::debug!(code = code_name(status.code()), "ending stream: shutting down");
                     Some((Err(status), None))
                 }
                 item = stream.next() => match item {
-                    Some(Ok(item)) => Some((Ok(item), Some((stream, stop)))),
+                    Some(Ok(item)) => Some((Ok(item), Some((stream, stop, flushed)))),
                     Some(Err(status)) => Some((Err(status), None)),
                     None => None,
                 },

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::{
     error::{Error, code_name},
     fanout::{self, Budget, FanOut, LinkStatus, PeerSet, budget, deliver_locally},
-    local::{LocalDelivery, Start, TopicFilter},
+    local::{Delivered, LocalDelivery, Start, TopicFilter},
     metrics::{Metrics, OverflowLabels},
     proto::{
         replica::replicast_server::Replicast,
@@ -169,22 +169,29 @@ impl ReplicastService {
 
     /// Hands one message a peer sent to this replica's consumers. `parent`
     /// is the sender's trace context, when its Broadcast is sampled.
-    fn deliver_one(
-        &self,
-        raw: Option<&[u8]>,
-        parent: Option<opentelemetry::Context>,
-    ) -> Result<DeliverResponse, Error> {
+    /// Takes a DeliverStream frame's message: decoded once for validation,
+    /// its bytes kept as they came.
+    fn accept_frame(&self, raw: Option<&[u8]>) -> Result<EncodedMessage, Error> {
         let raw = raw.ok_or(ValidationError::MissingField { field: "message" })?;
         let (message, decoded) =
             EncodedMessage::decode(raw).map_err(|e| ValidationError::MalformedMessage {
                 reason: e.to_string(),
             })?;
-        self.check_message(&message, &decoded)?;
+        self.check_message(message.id(), message.topic(), &decoded)?;
+        Ok(message)
+    }
+
+    /// Hands a validated message from a peer to this replica's consumers.
+    /// `parent` is the sender's trace context, when its Broadcast is sampled.
+    fn deliver_checked(
+        &self,
+        message: EncodedMessage,
+        parent: Option<opentelemetry::Context>,
+    ) -> Result<Delivered, Error> {
         let span = match parent {
             Some(parent) => spans::process(&message, parent),
             None => tracing::Span::none(),
         };
-        let id = message.id().to_owned();
         let delivered = deliver_locally(&self.local, &self.metrics, message, &span);
         if !span.is_disabled() {
             match &delivered {
@@ -192,12 +199,7 @@ impl ReplicastService {
                 Err(error) => spans::record_status(&span, Side::Server, error.code(), &error.to_string()),
             }
         }
-        let delivered = delivered?;
-        Ok(DeliverResponse {
-            id,
-            sequence: delivered.sequence,
-            duplicate: delivered.duplicate,
-        })
+        delivered
     }
 
     /// Delivers one DeliverStream frame and answers it. Each message
@@ -207,18 +209,22 @@ impl ReplicastService {
         let parent = (telemetry::tracing_enabled() && !frame.trace_context.is_empty())
             .then(|| propagation::extract_map(&frame.trace_context));
         // A bad message fails its own ack; the stream carries on.
-        match self.deliver_one(frame.message.as_deref(), parent) {
-            Ok(mut response) => {
-                // The sender knows the id by the tag.
-                response.id.clear();
-                DeliverAck {
-                    tag: frame.tag,
-                    code: 0,
-                    error: String::new(),
-                    response: Some(response),
-                    also: Vec::new(),
-                }
-            }
+        let delivered = self
+            .accept_frame(frame.message.as_deref())
+            .and_then(|message| self.deliver_checked(message, parent));
+        match delivered {
+            Ok(delivered) => DeliverAck {
+                tag: frame.tag,
+                code: 0,
+                error: String::new(),
+                // No id: the sender knows it by the tag.
+                response: Some(DeliverResponse {
+                    id: String::new(),
+                    sequence: delivered.sequence,
+                    duplicate: delivered.duplicate,
+                }),
+                also: Vec::new(),
+            },
             Err(error) => DeliverAck {
                 tag: frame.tag,
                 code: error.code() as i32,
@@ -229,12 +235,12 @@ impl ReplicastService {
         }
     }
 
-    fn check_message(&self, message: &EncodedMessage, decoded: &Message) -> Result<(), Error> {
-        if message.id().is_empty() {
+    fn check_message(&self, id: &str, topic: &str, decoded: &Message) -> Result<(), Error> {
+        if id.is_empty() {
             return Err(ValidationError::MissingField { field: "message.id" }.into());
         }
-        validate::id(message.id())?;
-        validate::topic(message.topic())?;
+        validate::id(id)?;
+        validate::topic(topic)?;
         validate::payload(decoded.payload.len(), self.config.max_message_bytes)?;
         validate::headers(&decoded.headers)?;
         if decoded.origin.is_empty() {
@@ -296,11 +302,21 @@ impl Replicast for ReplicastService {
             use tracing_opentelemetry::OpenTelemetrySpanExt as _;
             tracing::Span::current().context()
         });
-        let raw = request
+        let message = request
             .into_inner()
             .message
-            .map(|m| prost::Message::encode_to_vec(&m));
-        Ok(Response::new(self.deliver_one(raw.as_deref(), parent)?))
+            .ok_or(ValidationError::MissingField { field: "message" })
+            .map_err(Error::from)?;
+        self.check_message(&message.id, &message.topic, &message)?;
+        // Encoded once, into a buffer of its own, as a frame's would be.
+        let message = EncodedMessage::encode(message);
+        let id = message.id().to_owned();
+        let delivered = self.deliver_checked(message, parent)?;
+        Ok(Response::new(DeliverResponse {
+            id,
+            sequence: delivered.sequence,
+            duplicate: delivered.duplicate,
+        }))
     }
 
     type DeliverStreamStream = RpcStream<DeliverAck>;

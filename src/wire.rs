@@ -148,8 +148,8 @@ impl EncodedMessage {
         self.0.bytes.len()
     }
 
-    /// Decodes the whole message again (for the rare paths that need every
-    /// field, such as tests and the unary Deliver's logs).
+    /// Decodes the whole message again (tests compare it with the original).
+    #[cfg(test)]
     pub fn to_message(&self) -> Message {
         Message::decode(self.0.bytes.clone()).unwrap_or_default()
     }

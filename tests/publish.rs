@@ -37,6 +37,20 @@ async fn open(cluster: &Cluster, i: usize) -> (mpsc::Sender<PublishRequest>, Str
     (requests, responses)
 }
 
+/// Replica 0 (started with `extra` and a 1 s peer timeout) and, in DNS as
+/// replica 1, a peer that accepts connections and never answers.
+async fn with_a_hung_peer(extra: &[&str]) -> (Cluster, HungPeer) {
+    let mut cluster = Cluster::start_with(2, 0, &[]).await;
+    let hung = HungPeer::start(cluster.hosts.listeners[1].take().unwrap());
+    cluster.publish(&[0, 1]).await;
+    let mut args = vec!["--peer-timeout", "1s"];
+    args.extend_from_slice(extra);
+    cluster.start_replica(0, &args);
+    common::wait_serving(cluster.addr(0)).await;
+    common::wait_peer_count(cluster.addr(0), 2).await;
+    (cluster, hung)
+}
+
 async fn last_sequence(cluster: &Cluster, i: usize) -> u64 {
     cluster
         .client(i)
@@ -123,14 +137,8 @@ async fn every_message_on_a_stream_is_answered_by_tag_and_reaches_every_replica_
 
 #[tokio::test]
 async fn past_the_window_the_replica_stops_reading_and_loses_nothing() {
-    let mut cluster = Cluster::start_with(2, 0, &[]).await;
-    // A peer in DNS that accepts connections and never answers: each
-    // message waits out the peer timeout.
-    let _hung = HungPeer::start(cluster.hosts.listeners[1].take().unwrap());
-    cluster.publish(&[0, 1]).await;
-    cluster.start_replica(0, &["--publish-window", "4", "--peer-timeout", "1s"]);
-    common::wait_serving(cluster.addr(0)).await;
-    common::wait_peer_count(cluster.addr(0), 2).await;
+    // Each message waits out the hung peer's timeout.
+    let (cluster, _hung) = with_a_hung_peer(&["--publish-window", "4"]).await;
     let (requests, mut responses) = open(&cluster, 0).await;
     for tag in 0..12 {
         requests.send(publish_request(tag, "t", "")).await.unwrap();
@@ -170,14 +178,9 @@ async fn past_the_window_the_replica_stops_reading_and_loses_nothing() {
 
 #[tokio::test]
 async fn a_draining_replica_answers_unavailable_then_ends_the_stream() {
-    let mut cluster = Cluster::start_with(2, 0, &[]).await;
-    // Replica 1 never answers, so a message stays in flight for the peer
-    // timeout while the drain begins.
-    let _hung = HungPeer::start(cluster.hosts.listeners[1].take().unwrap());
-    cluster.publish(&[0, 1]).await;
-    cluster.start_replica(0, &["--drain-timeout", "2s", "--peer-timeout", "1s"]);
-    common::wait_serving(cluster.addr(0)).await;
-    common::wait_peer_count(cluster.addr(0), 2).await;
+    // A message stays in flight for the hung peer's timeout while the
+    // drain begins.
+    let (cluster, _hung) = with_a_hung_peer(&["--drain-timeout", "2s"]).await;
     let (requests, mut responses) = open(&cluster, 0).await;
     let mut in_flight = publish_request(1, "t", "");
     in_flight.broadcast.as_mut().unwrap().ack = AckPolicy::All as i32;

@@ -100,5 +100,14 @@ fn replica_service() -> Service {
             )
             .build(),
         )
+        .method(
+            method(
+                "announce",
+                "Announce",
+                v1("AnnounceRequest"),
+                v1("AnnounceResponse"),
+            )
+            .build(),
+        )
         .build()
 }

@@ -8,6 +8,7 @@ use std::{
 
 use crate::{
     discovery::{DiscoveryConfig, PeerSource},
+    lifecycle::ShutdownPlan,
     local::LocalLimits,
 };
 
@@ -128,6 +129,25 @@ pub struct ServeArgs {
     /// from peers (whose DNS may still list it) and serves Subscribe.
     #[arg(long, env = "REPLICAST_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+
+    /// The bound on a whole shutdown, from SIGTERM to exit: the drain, the
+    /// close and the background hops share it (the start-up log prints how).
+    /// Keep it under the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "REPLICAST_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// How long a replica that announced its join counts as a member while
+    /// DNS does not list it, and how long one that announced its leave stays
+    /// out while stale DNS answers still list it. A few DNS TTLs: CoreDNS's
+    /// usual `ttl 30` plus `cache 30` lag by up to a minute.
+    #[arg(long, env = "REPLICAST_ANNOUNCE_LEASE", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub announce_lease: Duration,
+
+    /// Replicas that may count as members by their announcement alone (not
+    /// yet listed by DNS). Bounds what anyone who can reach the port can do
+    /// to the peer set; a rollout adds at most its surge at a time.
+    #[arg(long, env = "REPLICAST_MAX_ANNOUNCED_PEERS", default_value_t = 64)]
+    pub max_announced_peers: usize,
 }
 
 /// `host:port`, or `:port` for every interface.
@@ -161,6 +181,13 @@ pub struct Config {
     /// Bytes of missed messages held at most, all peers together.
     pub redelivery_max_bytes: usize,
     pub drain_timeout: Duration,
+    /// How the shutdown deadline is shared out (from --shutdown-timeout and
+    /// --drain-timeout).
+    pub shutdown: ShutdownPlan,
+    /// See `--announce-lease`.
+    pub announce_lease: Duration,
+    /// See `--max-announced-peers`.
+    pub max_announced_peers: usize,
 }
 
 /// A flag with a value that cannot work. The message names both.
@@ -209,6 +236,8 @@ impl TryFrom<ServeArgs> for Config {
             ));
         }
         positive("drain-timeout", args.drain_timeout)?;
+        positive("shutdown-timeout", args.shutdown_timeout)?;
+        positive("announce-lease", args.announce_lease)?;
         if args.publish_window == 0 {
             return Err(err("publish-window", &0, "must be at least 1"));
         }
@@ -292,6 +321,9 @@ impl TryFrom<ServeArgs> for Config {
                 subscriber_buffer: args.subscriber_buffer,
             },
             drain_timeout: args.drain_timeout,
+            shutdown: ShutdownPlan::new(args.shutdown_timeout, args.drain_timeout),
+            announce_lease: args.announce_lease,
+            max_announced_peers: args.max_announced_peers,
             metrics_listen: args.metrics_listen,
             redelivery_window: args.redelivery_window,
             redelivery_max_bytes: args.redelivery_max_bytes,

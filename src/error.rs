@@ -76,6 +76,9 @@ pub enum Error {
          retry with backoff, or send to another replica"
     )]
     Overloaded { limit: usize },
+
+    #[error(transparent)]
+    Announce(#[from] crate::membership::AnnounceError),
 }
 
 impl Error {
@@ -95,7 +98,24 @@ impl Error {
                 ..
             } => Code::DeadlineExceeded,
             Error::PolicyNotMet { .. } => Code::Unavailable,
+            Error::Announce(e) => {
+                use crate::membership::AnnounceError;
+                match e {
+                    AnnounceError::Invalid(_) | AnnounceError::IsSelf(_) => Code::InvalidArgument,
+                    AnnounceError::TooMany { .. } => Code::ResourceExhausted,
+                    AnnounceError::AlreadyLeft { .. } | AnnounceError::NotConfirmed(_) => {
+                        Code::FailedPrecondition
+                    }
+                    AnnounceError::ShuttingDown => Code::Unavailable,
+                }
+            }
         }
+    }
+}
+
+impl From<crate::membership::AnnounceError> for Status {
+    fn from(err: crate::membership::AnnounceError) -> Self {
+        Error::from(err).into()
     }
 }
 

@@ -24,7 +24,6 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
 
 /// Labels of a finished Broadcast.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,6 +86,49 @@ pub struct RedeliveryLabels {
     pub result: &'static str,
 }
 
+/// Labels of a membership change.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MembershipChangeLabels {
+    /// joined or left.
+    pub change: &'static str,
+    /// For joined, the source (dns, announced); for left, why (announced,
+    /// dns, lease_expired, unreachable).
+    pub cause: &'static str,
+}
+
+/// Labels of an announcement another replica sent.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnnouncementLabels {
+    /// join or leave.
+    pub kind: &'static str,
+    /// probed (a probe was started), confirmed or refuted (by the probe),
+    /// known (a repeat), already_left, too_many, invalid.
+    pub result: &'static str,
+}
+
+/// The membership counters, updated by the membership task.
+#[derive(Debug, Clone, Default)]
+pub struct MembershipMetrics {
+    pub changes: Family<MembershipChangeLabels, Counter>,
+    pub announcements: Family<AnnouncementLabels, Counter>,
+}
+
+impl MembershipMetrics {
+    /// Counts one change of the member set.
+    pub fn change(&self, change: &'static str, cause: &'static str) {
+        self.changes
+            .get_or_create(&MembershipChangeLabels { change, cause })
+            .inc();
+    }
+
+    /// Counts one announcement heard from another replica.
+    pub fn announcement(&self, kind: &'static str, result: &'static str) {
+        self.announcements
+            .get_or_create(&AnnouncementLabels { kind, result })
+            .inc();
+    }
+}
+
 /// The counters and histograms a replica updates as it works.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -99,6 +141,7 @@ pub struct Metrics {
     pub duplicates: Counter,
     pub subscriber_overflows: Family<OverflowLabels, Counter>,
     pub redeliveries: Family<RedeliveryLabels, Counter>,
+    pub membership: MembershipMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -118,6 +161,7 @@ impl Default for Metrics {
             duplicates: Counter::default(),
             subscriber_overflows: Family::default(),
             redeliveries: Family::default(),
+            membership: MembershipMetrics::default(),
         }
     }
 }
@@ -190,6 +234,16 @@ impl Metrics {
             "Messages a live peer missed, by fate: delivered later, already delivered, given up, or not queued (full)",
             self.redeliveries.clone(),
         );
+        registry.register(
+            "replicast_membership_changes",
+            "Replicas that joined (by source) or left (by cause) this replica's member set",
+            self.membership.changes.clone(),
+        );
+        registry.register(
+            "replicast_announcements",
+            "Join and leave announcements other replicas sent, by what became of them",
+            self.membership.announcements.clone(),
+        );
         registry.register_collector(Box::new(replica));
         registry
     }
@@ -200,6 +254,10 @@ impl Metrics {
 pub struct ReplicaState {
     pub redelivery_backlog: usize,
     pub peers: usize,
+    /// Members by source: the last DNS answer lists them, or they
+    /// announced themselves and DNS does not list them yet.
+    pub members_dns: usize,
+    pub members_announced: usize,
     pub peers_stale: bool,
     pub subscribers: usize,
     pub ring_messages: usize,
@@ -273,6 +331,15 @@ impl Collector for StateCollector {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
+        let mut members = encoder.encode_descriptor(
+            "replicast_members",
+            "Other replicas this one targets, by source (dns, announced)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (source, count) in [("dns", state.members_dns), ("announced", state.members_announced)] {
+            ConstGauge::new(count as i64).encode(members.encode_family(&[("source", source)])?)?;
+        }
         let dropped = ConstCounter::new(crate::telemetry::spans_dropped());
         dropped.encode(encoder.encode_descriptor(
             "replicast_spans_dropped",
@@ -284,8 +351,12 @@ impl Collector for StateCollector {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` is cancelled.
-pub fn spawn_endpoint(listener: TcpListener, registry: Registry, stop: CancellationToken) -> JoinHandle<()> {
+/// Serves `GET /metrics` on `listener` until `stop` resolves.
+pub fn spawn_endpoint(
+    listener: TcpListener,
+    registry: Registry,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()> {
     let registry = Arc::new(registry);
     let app = axum::Router::new().route(
         "/metrics",
@@ -303,9 +374,7 @@ pub fn spawn_endpoint(listener: TcpListener, registry: Registry, stop: Cancellat
         }),
     );
     tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
+        let served = axum::serve(listener, app).with_graceful_shutdown(stop).await;
         if let Err(error) = served {
             tracing::warn!(%error, "metrics endpoint failed");
         }

@@ -19,11 +19,11 @@ use std::{
 };
 
 use futures::{Stream, future::BoxFuture, stream::FuturesUnordered};
-use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Code, Status, Streaming};
 
 use crate::{
     error::{Error, publish_response},
+    lifecycle::Phase,
     proto::v1::{PublishRequest, PublishResponse},
     service::ReplicastService,
     validate::ValidationError,
@@ -41,7 +41,7 @@ pub struct PublishStream {
     /// The Publish call's server span: each message's send span is its child.
     span: tracing::Span,
     /// Resolves when the replica starts draining.
-    draining: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    draining: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// The stream has ended (after its last response or error).
     done: bool,
 }
@@ -53,7 +53,8 @@ impl PublishStream {
         window: usize,
         span: tracing::Span,
     ) -> Self {
-        let draining = Some(Box::pin(service.stopping().clone().cancelled_owned()));
+        let draining: Option<Pin<Box<dyn Future<Output = ()> + Send>>> =
+            Some(Box::pin(service.phase().reached(Phase::Draining)));
         // Asked once per stream, not per message: an unsampled stream's
         // messages look at a disabled span only.
         let span = if crate::telemetry::spans::is_sampled(&span) {

@@ -3,17 +3,19 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
-use tonic_health::{ServingStatus, server::HealthReporter};
-use tracing::{Instrument, error, info, warn};
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
 
 use crate::{
     config::Config,
     discovery::{DiscoveryError, LookupCounters, spawn_discovery},
     fanout::{BacklogBudget, Connect, FanOut, Link, LinkConfig, PeerLink},
+    lifecycle::{Phase, ShutdownClock, lifecycle},
     local::LocalDelivery,
+    membership::{MembershipConfig, spawn_membership},
     metrics::{Metrics, ReplicaState, StateCollector},
     oversize::OversizeLayer,
     proto::{self, replica::replicast_server::ReplicastServer},
@@ -39,10 +41,11 @@ pub enum ServeError {
 }
 
 /// Runs one replica on `listener` until `shutdown` resolves, then shuts down
-/// in order: a drain of `drain_timeout` (health NOT_SERVING, Broadcast
-/// refused, deliveries and Subscribe still served), then the close (local
-/// delivery closed, streams ended after their last deliveries, what is left
-/// given the close grace), background hops drained, discovery stopped.
+/// in the phases of [`Phase`], all within `config.shutdown` (one deadline):
+/// draining (the leave announced first, health NOT_SERVING, Broadcast
+/// refused, deliveries and Subscribe still served), closing (local delivery
+/// closed, streams ended after their last deliveries, connections given the
+/// close step), then background hops and links, discovery stopped.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -87,17 +90,23 @@ pub async fn serve(
         connect,
         metrics.clone(),
     ));
-    let stopping = CancellationToken::new();
-    // Cancelled when the drain period ends (see the shutdown phases below).
-    let closing_token = CancellationToken::new();
+    let (phase_tx, phase) = lifecycle();
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    let (mut health, health_service) = tonic_health::server::health_reporter();
     let membership = spawn_membership(
+        MembershipConfig {
+            self_addr: config.advertise,
+            incarnation: local.incarnation(),
+            lease: config.announce_lease,
+            max_announced: config.max_announced_peers,
+            // A peer that does not answer holds readiness up by this much.
+            call_timeout: config.peer_timeout.min(ANNOUNCE_TIMEOUT),
+        },
         discovery.subscribe(),
         fanout.clone(),
         health.clone(),
-        stopping.clone(),
+        phase.clone(),
+        metrics.membership.clone(),
     );
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -117,22 +126,31 @@ pub async fn serve(
             peer_timeout: config.peer_timeout,
             max_message_bytes: config.max_message_bytes,
             publish_window: config.publish_window,
-            stopping: stopping.clone(),
-            closing: closing_token.clone(),
+            phase: phase.clone(),
         },
         local.clone(),
         fanout.clone(),
+        membership.handle(),
         metrics.clone(),
     );
     let metrics_endpoint = metrics_listener.map(|listener| {
         info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
-        let (local, fanout, peers_rx) = (local.clone(), fanout.clone(), discovery.subscribe());
+        let (local, fanout, peers_rx, members) = (
+            local.clone(),
+            fanout.clone(),
+            discovery.subscribe(),
+            membership.handle(),
+        );
         let registry = metrics.registry(StateCollector::new(move || {
             let snapshot = peers_rx.borrow().clone();
             let ring = local.ring_occupancy();
+            let members = members.members();
+            let announced = members.announced.len();
             ReplicaState {
                 redelivery_backlog: fanout.redelivery_backlog(),
                 peers: snapshot.peers.len(),
+                members_dns: members.sources.len() - announced,
+                members_announced: announced,
                 peers_stale: snapshot.stale,
                 subscribers: local.subscriber_count(),
                 ring_messages: ring.messages,
@@ -142,14 +160,21 @@ pub async fn serve(
             }
         }));
         // Up until the very end: a drain is worth watching.
-        crate::metrics::spawn_endpoint(listener, registry, closing_token.clone())
+        crate::metrics::spawn_endpoint(listener, registry, phase.reached(Phase::Closing))
     });
     let replicast = ReplicastServer::new(service)
         .max_decoding_message_size(config.max_frame_bytes())
         .max_encoding_message_size(config.max_frame_bytes());
 
     let local_addr = listener.local_addr().ok();
-    info!(listen = ?local_addr, advertise = %config.advertise, source = discovery.source_name(), "replica serving");
+    let plan = config.shutdown;
+    info!(
+        listen = ?local_addr,
+        advertise = %config.advertise,
+        source = discovery.source_name(),
+        shutdown = %plan,
+        "replica serving"
+    );
     if config.advertise.ip().is_unspecified() {
         warn!(
             advertise = %config.advertise,
@@ -157,37 +182,6 @@ pub async fn serve(
         );
     }
 
-    // Shutdown has two phases, so peers that still list this replica (their
-    // DNS has not caught up) lose nothing:
-    // 1. draining (`stopping`): health NOT_SERVING, Broadcast refused;
-    //    Deliver, DeliverStream and Subscribe still served, fan-outs in
-    //    flight finish;
-    // 2. after --drain-timeout (`closing`): DeliverStreams end, local
-    //    delivery closes (later deliveries are refused, never acknowledged),
-    //    Subscribe streams get everything delivered until then and end with
-    //    "reconnect to another replica"; the server stops accepting and
-    //    waits (bounded) for what is left, then exits.
-    let closing = closing_token;
-    let drain_timeout = config.drain_timeout;
-    let signal = {
-        let stopping = stopping.clone();
-        let closing = closing.clone();
-        let local = local.clone();
-        let mut health = health.clone();
-        async move {
-            shutdown.await;
-            info!(
-                ?drain_timeout,
-                "draining: health NOT_SERVING, refusing Broadcast, still delivering"
-            );
-            stopping.cancel();
-            tokio::time::sleep(drain_timeout).await;
-            info!("drain period over: closing");
-            closing.cancel();
-            local.close();
-            end_health_watches(&mut health).await;
-        }
-    };
     let server = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -205,46 +199,66 @@ pub async fn serve(
             TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
                 .with_keepalive(Some(Duration::from_secs(60))),
-            signal,
+            phase.reached(Phase::Closing),
         );
 
-    // After `closing`, what is still open gets a bounded grace.
-    let close_grace = drain_timeout.min(CLOSE_GRACE);
-    tokio::pin!(server);
-    let result = tokio::select! {
-        result = &mut server => result.map_err(ServeError::from),
-        () = closing.cancelled() => {
-            tokio::select! {
-                result = &mut server => result.map_err(ServeError::from),
-                () = tokio::time::sleep(close_grace) => {
-                    warn!(?close_grace, "connections still open after the drain; closing them");
-                    Ok(())
-                }
+    // The server is polled throughout: peers still connect while this
+    // replica drains (deliveries, and the probes that check its leave).
+    let (result, deadline) = {
+        let drain = async {
+            shutdown.await;
+            let clock = ShutdownClock::start(plan);
+            info!(%plan, "draining: announcing the leave, health NOT_SERVING, refusing Broadcast, still delivering");
+            phase_tx.advance(Phase::Draining);
+            if tokio::time::timeout_at(clock.leave_ends(), membership.leave_announced())
+                .await
+                .is_err()
+            {
+                warn!(waited = ?plan.leave, "not every peer answered the leave in time; the rest learn it from DNS");
+            }
+            tokio::time::sleep_until(clock.drain_ends()).await;
+            info!("drain period over: closing");
+            local.close();
+            phase_tx.advance(Phase::Closing);
+            end_health_watches(&mut health).await;
+            clock
+        };
+        tokio::pin!(server, drain);
+        tokio::select! {
+            // Only an error ends the server before the drain.
+            result = &mut server => (result.map_err(ServeError::from), Instant::now() + plan.links),
+            clock = &mut drain => {
+                let result = match tokio::time::timeout_at(clock.close_ends(), &mut server).await {
+                    Ok(result) => result.map_err(ServeError::from),
+                    Err(_) => {
+                        warn!(close = ?plan.close, "connections still open at the end of the close step; dropping them");
+                        Ok(())
+                    }
+                };
+                (result, clock.deadline())
             }
         }
     };
-    stopping.cancel();
-    closing.cancel();
     local.close();
-    // Hops still in flight finish (bounded), then the links stop; what
-    // their backlogs hold is given up and counted.
-    fanout.shutdown(close_grace).await;
-    if let Err(e) = membership.await {
-        error!(error = %e, "membership task failed");
-    }
+    phase_tx.advance(Phase::Closing);
+    // Hops still in flight finish, then the links stop; what their
+    // backlogs hold is given up and counted.
+    fanout.shutdown(deadline).await;
+    membership.stopped().await;
     if let Some(endpoint) = metrics_endpoint {
-        // Ends with `closing`, but a scraper that stops reading could hold it.
-        if tokio::time::timeout(close_grace, endpoint).await.is_err() {
-            warn!("metrics endpoint still busy after the drain; leaving it");
+        // Ends with Closing, but a scraper that stops reading could hold it.
+        if tokio::time::timeout_at(deadline, endpoint).await.is_err() {
+            warn!("metrics endpoint still busy at the shutdown deadline; leaving it");
         }
     }
     discovery.shutdown().await;
+    phase_tx.advance(Phase::Stopped);
     info!("replica stopped");
     result
 }
 
-/// Longest wait for connections after the drain period.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Longest wait for one Announce call (a join, a leave, a probe).
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A replica running in a background task (dev-cluster, tests).
 #[derive(Debug)]
@@ -290,37 +304,6 @@ impl ServerHandle {
     }
 }
 
-/// Follows discovery and owns health: SERVING after the first successful
-/// lookup, NOT_SERVING as soon as `stopping` fires (one task writes health,
-/// so the two cannot race). Every snapshot rebuilds the fan-out's peer set:
-/// links open for peers that joined and retire for peers that left.
-fn spawn_membership(
-    mut peers_rx: tokio::sync::watch::Receiver<Arc<crate::discovery::PeerSnapshot>>,
-    fanout: Arc<FanOut>,
-    health: HealthReporter,
-    stopping: CancellationToken,
-) -> JoinHandle<()> {
-    let task = async move {
-        let mut serving = false;
-        loop {
-            let snapshot = peers_rx.borrow_and_update().clone();
-            // The peer set first: a Broadcast that sees SERVING finds it.
-            fanout.update_peers(snapshot.clone());
-            if snapshot.ready && !serving {
-                set_health(&health, ServingStatus::Serving).await;
-                serving = true;
-            }
-            tokio::select! {
-                biased;
-                () = stopping.cancelled() => break,
-                changed = peers_rx.changed() => if changed.is_err() { break },
-            }
-        }
-        set_health(&health, ServingStatus::NotServing).await;
-    };
-    tokio::spawn(task.instrument(tracing::info_span!("membership")))
-}
-
 /// Ends open `grpc.health.v1` Watch streams (they end when their service's
 /// status is removed), which would otherwise hold the server open until the
 /// close grace runs out. Checks after this get NOT_FOUND; by now the server
@@ -328,9 +311,4 @@ fn spawn_membership(
 async fn end_health_watches(health: &mut HealthReporter) {
     health.clear_service_status("").await;
     health.clear_service_status(proto::SERVICE_NAME).await;
-}
-
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    health.set_service_status(proto::SERVICE_NAME, status).await;
 }

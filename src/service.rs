@@ -9,21 +9,23 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use tokio::{sync::watch, time::Instant};
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{
     error::{Error, code_name},
     fanout::{self, Budget, FanOut, LinkStatus, PeerSet, budget, deliver_locally},
+    lifecycle::{Phase, PhaseRx},
     local::{Delivered, LocalDelivery, Start, TopicFilter},
+    membership::{AnnounceError, MembershipHandle, Source},
     metrics::{Metrics, OverflowLabels},
     proto::{
         replica::replicast_server::Replicast,
         v1::{
-            AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverRequest, DeliverResponse,
-            DeliveredFrame, ListPeersRequest, ListPeersResponse, Message, Peer, PublishRequest,
-            PublishResponse, SubscribeRequest,
+            AckPolicy, AnnounceRequest, AnnounceResponse, AnnouncedReplica, BroadcastRequest,
+            BroadcastResponse, DeliverAck, DeliverRequest, DeliverResponse, DeliveredFrame, ListPeersRequest,
+            ListPeersResponse, Message, Peer, PublishRequest, PublishResponse, SubscribeRequest,
+            announce_request::Kind,
         },
     },
     publish::PublishStream,
@@ -57,12 +59,11 @@ pub struct ServiceConfig {
     pub max_message_bytes: usize,
     /// Messages in flight per Publish stream.
     pub publish_window: usize,
-    /// Cancelled when the replica starts draining: Broadcast and Publish are
-    /// refused with UNAVAILABLE, so clients retry on another replica.
-    pub stopping: CancellationToken,
-    /// Cancelled when the drain period is over: DeliverStreams end, and
-    /// local delivery closes (which ends Subscribe streams once flushed).
-    pub closing: CancellationToken,
+    /// The replica's lifecycle. Draining: Broadcast and Publish are refused
+    /// with UNAVAILABLE, so clients retry on another replica, and Announce
+    /// probes answer "not serving". Closing: DeliverStreams end, and local
+    /// delivery closes (which ends Subscribe streams once flushed).
+    pub phase: PhaseRx,
 }
 
 /// Everything the RPC handlers need, shared by all connections (cheap to
@@ -73,6 +74,7 @@ pub struct ReplicastService {
     local: Arc<LocalDelivery>,
     fanout: Arc<FanOut>,
     peer_set_rx: watch::Receiver<Arc<PeerSet>>,
+    membership: MembershipHandle,
     metrics: Metrics,
     /// `self_addr` as every message's origin, formatted once.
     origin: Arc<str>,
@@ -94,6 +96,7 @@ impl ReplicastService {
         config: ServiceConfig,
         local: Arc<LocalDelivery>,
         fanout: Arc<FanOut>,
+        membership: MembershipHandle,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -102,6 +105,7 @@ impl ReplicastService {
             local,
             peer_set_rx: fanout.peer_set(),
             fanout,
+            membership,
             metrics,
         }
     }
@@ -117,7 +121,7 @@ impl ReplicastService {
         parent: &tracing::Span,
     ) -> Result<BroadcastResponse, Error> {
         let arrived = Instant::now();
-        if self.config.stopping.is_cancelled() {
+        if self.config.phase.has_reached(Phase::Draining) {
             return Err(Error::ShuttingDown);
         }
         let budget = Budget::new(
@@ -163,8 +167,8 @@ impl ReplicastService {
             .record_broadcast(outcome_label(result), ack_label(ack));
     }
 
-    pub(crate) fn stopping(&self) -> &CancellationToken {
-        &self.config.stopping
+    pub(crate) fn phase(&self) -> &PhaseRx {
+        &self.config.phase
     }
 
     /// Hands one message a peer sent to this replica's consumers. `parent`
@@ -252,9 +256,10 @@ impl ReplicastService {
         Ok(())
     }
 
-    fn peer_entry(&self, address: SocketAddr, status: Option<&LinkStatus>) -> Peer {
+    fn peer_entry(&self, address: SocketAddr, status: Option<&LinkStatus>, source: Option<Source>) -> Peer {
         let status = status.cloned().unwrap_or_default();
         Peer {
+            source: source.map(|s| s.as_str().to_owned()).unwrap_or_default(),
             address: address.to_string(),
             local: address == self.config.self_addr,
             connected: status.connected,
@@ -364,7 +369,10 @@ impl Replicast for ReplicastService {
                 futures::stream::iter(acks)
             });
         // Peers keep delivering here while this replica drains.
-        Ok(Response::new(until_stopped(acks, self.config.closing.clone())))
+        Ok(Response::new(until_stopped(
+            acks,
+            self.config.phase.reached(Phase::Closing),
+        )))
     }
 
     type SubscribeStream = RpcStream<EncodedDelivery>;
@@ -427,17 +435,21 @@ impl Replicast for ReplicastService {
     ) -> Result<Response<ListPeersResponse>, Status> {
         let set = self.peer_set_rx.borrow().clone();
         let self_addr = self.config.self_addr;
+        let members = self.membership.members();
         let mut peers: Vec<Peer> = set
             .remotes()
-            .map(|(address, link)| self.peer_entry(address, Some(&link.status())))
+            .map(|(address, link)| {
+                let source = members.sources.get(&address).copied();
+                self.peer_entry(address, Some(&link.status()), source)
+            })
             .collect();
-        peers.push(self.peer_entry(self_addr, None));
+        peers.push(self.peer_entry(self_addr, None, None));
         peers.sort_by(|a, b| a.address.cmp(&b.address));
         let departed = self
             .fanout
             .departed()
             .into_iter()
-            .map(|(address, status)| self.peer_entry(address, Some(&status)))
+            .map(|(address, status)| self.peer_entry(address, Some(&status), None))
             .collect();
         let snapshot = &set.snapshot;
         Ok(Response::new(ListPeersResponse {
@@ -452,6 +464,56 @@ impl Replicast for ReplicastService {
             departed,
         }))
     }
+
+    async fn announce(
+        &self,
+        request: Request<AnnounceRequest>,
+    ) -> Result<Response<AnnounceResponse>, Status> {
+        let request = request.into_inner();
+        let kind = Kind::try_from(request.kind).unwrap_or(Kind::Unspecified);
+        if kind != Kind::Identify {
+            let peer: SocketAddr = request.address.parse().map_err(|_| {
+                AnnounceError::Invalid(format!(
+                    "address {:?} is not host:port with an IP address (the announcer's advertised address)",
+                    request.address
+                ))
+            })?;
+            if request.incarnation == 0 {
+                return Err(AnnounceError::Invalid(
+                    "incarnation 0 is not a replica's incarnation".to_owned(),
+                )
+                .into());
+            }
+            match kind {
+                Kind::Join => self.membership.join(peer, request.incarnation).await?,
+                Kind::Leave => self.membership.leave(peer, request.incarnation).await?,
+                Kind::Unspecified | Kind::Identify => {
+                    return Err(AnnounceError::Invalid(format!(
+                        "kind {} is not JOIN, LEAVE or IDENTIFY",
+                        request.kind
+                    ))
+                    .into());
+                }
+            }
+        }
+        let members = self.membership.members();
+        Ok(Response::new(AnnounceResponse {
+            address: self.config.self_addr.to_string(),
+            incarnation: self.local.incarnation(),
+            serving: !self.config.phase.has_reached(Phase::Draining),
+            announced: announced_replicas(&members.announced),
+            left: announced_replicas(&members.left),
+        }))
+    }
+}
+
+fn announced_replicas(list: &[(SocketAddr, u64)]) -> Vec<AnnouncedReplica> {
+    list.iter()
+        .map(|(address, incarnation)| AnnouncedReplica {
+            address: address.to_string(),
+            incarnation: *incarnation,
+        })
+        .collect()
 }
 
 /// The `ack` label of a Broadcast in metrics.
@@ -489,31 +551,36 @@ fn outcome_label(result: &Result<BroadcastResponse, Error>) -> &'static str {
 /// dropped one would make the sender redeliver to the next incarnation.
 fn until_stopped<T: Send + 'static>(
     stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
-    stop: CancellationToken,
+    stop: impl Future<Output = ()> + Send + 'static,
 ) -> RpcStream<T> {
     let stream = Box::pin(stream);
+    let stop: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(stop);
+    // The third element counts the items flushed since `stop` fired (None
+    // before): a finished future must not be polled again.
     Box::pin(futures::stream::unfold(
-        Some((stream, stop, 0usize)),
+        Some((stream, stop, None::<usize>)),
         |state| async move {
-            let (mut stream, stop, flushed) = state?;
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => {
-                    if flushed < ACK_BATCH
-                        && let Some(Some(Ok(item))) = futures::FutureExt::now_or_never(stream.next())
-                    {
-                        return Some((Ok(item), Some((stream, stop, flushed + 1))));
-                    }
-                    let status: Status = Error::ShuttingDown.into();
-                    tracing::debug!(code = code_name(status.code()), "ending stream: shutting down");
-                    Some((Err(status), None))
-                }
-                item = stream.next() => match item {
-                    Some(Ok(item)) => Some((Ok(item), Some((stream, stop, flushed)))),
-                    Some(Err(status)) => Some((Err(status), None)),
-                    None => None,
+            let (mut stream, mut stop, flushed) = state?;
+            let flushed = match flushed {
+                Some(flushed) => flushed,
+                None => tokio::select! {
+                    biased;
+                    () = &mut stop => 0,
+                    item = stream.next() => return match item {
+                        Some(Ok(item)) => Some((Ok(item), Some((stream, stop, None)))),
+                        Some(Err(status)) => Some((Err(status), None)),
+                        None => None,
+                    },
                 },
+            };
+            if flushed < ACK_BATCH
+                && let Some(Some(Ok(item))) = futures::FutureExt::now_or_never(stream.next())
+            {
+                return Some((Ok(item), Some((stream, stop, Some(flushed + 1)))));
             }
+            let status: Status = Error::ShuttingDown.into();
+            tracing::debug!(code = code_name(status.code()), "ending stream: shutting down");
+            Some((Err(status), None))
         },
     ))
 }

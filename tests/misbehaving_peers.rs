@@ -24,9 +24,9 @@ use futures::{Stream, StreamExt};
 use replicast::{
     error::broadcast_response_from_status,
     proto::v1::{
-        AckPolicy, BroadcastRequest, BroadcastResponse, DeliverAck, DeliverFrame, DeliverRequest,
-        DeliverResponse, Delivery, ListPeersRequest, ListPeersResponse, PublishRequest, PublishResponse,
-        SubscribeRequest,
+        AckPolicy, AnnounceRequest, AnnounceResponse, BroadcastRequest, BroadcastResponse, DeliverAck,
+        DeliverFrame, DeliverRequest, DeliverResponse, Delivery, ListPeersRequest, ListPeersResponse,
+        PublishRequest, PublishResponse, SubscribeRequest,
         replicast_server::{Replicast, ReplicastServer},
     },
 };
@@ -66,6 +66,12 @@ impl Replicast for FakePeer {
     }
 
     async fn deliver(&self, _: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+        Err(Status::unimplemented("test peer"))
+    }
+
+    // As a replica from before announcements: the other replica must still
+    // become ready and deliver to it.
+    async fn announce(&self, _: Request<AnnounceRequest>) -> Result<Response<AnnounceResponse>, Status> {
         Err(Status::unimplemented("test peer"))
     }
 

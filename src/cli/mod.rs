@@ -39,6 +39,13 @@ pub struct Cli {
     )]
     log_format: LogFormat,
 
+    /// Threads that run the replica's tasks. Defaults to the CPUs this
+    /// process may use (a container's CPU limit counts). Set it when
+    /// replicas share a machine's cores (several on one node, a
+    /// benchmark): more threads than cores only add context switches.
+    #[arg(long, global = true, env = "REPLICAST_WORKER_THREADS")]
+    worker_threads: Option<std::num::NonZeroUsize>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -76,6 +83,12 @@ enum Command {
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Cli {
+    /// The `--worker-threads` the runtime is built with (`None`: as many as
+    /// the process may use).
+    pub fn worker_threads(&self) -> Option<usize> {
+        self.worker_threads.map(std::num::NonZeroUsize::get)
+    }
+
     /// Runs the command; the exit code says whether it succeeded.
     pub async fn run(self) -> Result<ExitCode, CliError> {
         match self.command {

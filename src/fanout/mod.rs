@@ -384,18 +384,19 @@ impl FanOut {
         self.max_in_flight - self.in_flight.available_permits()
     }
 
-    /// Waits (at most `grace`) for the hops of every Broadcast to finish,
-    /// then stops every link; what their backlogs still hold is given up
-    /// and counted.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// Waits for the hops of every Broadcast to finish, then stops every
+    /// link; what their backlogs still hold is given up and counted. All of
+    /// it ends by `deadline` (the links get the last part of the time).
+    pub async fn shutdown(&self, deadline: Instant) {
         let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
-        if tokio::time::timeout(grace, self.in_flight.acquire_many(all))
+        let stop_share = LINK_STOP_GRACE.min(deadline.saturating_duration_since(Instant::now()) / 2);
+        if tokio::time::timeout_at(deadline - stop_share, self.in_flight.acquire_many(all))
             .await
             .is_err()
         {
             debug!(
                 remaining = self.in_flight(),
-                "broadcasts still in flight after the drain period"
+                "broadcasts still in flight at the end of the shutdown's share for them"
             );
         }
         let links: Vec<Arc<dyn Link>> = {
@@ -406,7 +407,7 @@ impl FanOut {
             links
         };
         let stopped = futures::future::join_all(links.iter().map(|link| link.stop()));
-        if tokio::time::timeout(LINK_STOP_GRACE, stopped).await.is_err() {
+        if tokio::time::timeout_at(deadline, stopped).await.is_err() {
             debug!("links still stopping; leaving them");
         }
     }

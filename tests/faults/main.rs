@@ -297,11 +297,10 @@ async fn rolling_restart_of_every_replica_under_ack_all() {
     let report = run
         .finish("4. rolling restart of all five (SIGTERM, DNS record removed and re-added), ack=ALL")
         .await;
+    // Peers stop targeting a draining replica once they heard its leave;
+    // what they sent it before that (`acked_while_draining`, often none) is
+    // read from it like everything else (assert_clean).
     assert_clean(&report);
-    assert!(
-        report.acked_while_draining > 0,
-        "peers delivered to draining replicas, and their subscribers read it all"
-    );
     assert!(
         report.incarnations >= 2 * REPLICAS,
         "every replica was read in two incarnations"

@@ -102,6 +102,13 @@ pub enum FaultKind {
     Terminated {
         exited: Instant,
     },
+    /// SIGTERM; the process drained and exited at `exited`, and nothing
+    /// replaced it at its address (a rollout onto new pods). From then on no
+    /// Broadcast may target it: a receipt of it after `exited` is a
+    /// healthy-replica failure.
+    Retired {
+        exited: Instant,
+    },
     Frozen,
     CutOff,
     /// A new replica, from its scheduling until it was ready.
@@ -245,6 +252,9 @@ impl Ledger {
             .map(|fault| (*fault, self.recovered(fault)))
             .collect();
         for (fault, recovered) in &recovered {
+            if matches!(fault.kind, FaultKind::Retired { .. }) {
+                continue;
+            }
             match recovered {
                 Some(at) => report
                     .rejoin
@@ -257,7 +267,12 @@ impl Ledger {
         }
         let faulted = |slot: usize, from: Instant, to: Instant| {
             recovered.iter().any(|(fault, recovered)| {
-                fault.slot == slot && to >= fault.began && recovered.is_none_or(|end| from < end)
+                // A retired replica is excused only until it exited.
+                let end = match fault.kind {
+                    FaultKind::Retired { .. } => Some(fault.restored),
+                    _ => *recovered,
+                };
+                fault.slot == slot && to >= fault.began && end.is_none_or(|end| from < end)
             })
         };
 
@@ -307,7 +322,7 @@ impl Ledger {
                 if receipt.acked() {
                     report.acks += 1;
                     if let Some(Fault {
-                        kind: FaultKind::Terminated { exited },
+                        kind: FaultKind::Terminated { exited } | FaultKind::Retired { exited },
                         ..
                     }) = fault_at(faults, receipt.slot, broadcast.started)
                         && broadcast.started < *exited

@@ -364,3 +364,94 @@ async fn dns_down_then_back_and_a_replica_added_meanwhile_joins() {
         "the added replica acknowledged Broadcasts"
     );
 }
+
+/// How late the DNS of the stale-DNS scenario follows the pods, both ways
+/// (CoreDNS's usual `ttl 30` plus `cache 30`).
+const DNS_LAG: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, iproute2 and dnsmasq: bash .ci/faults.sh"]
+async fn rolling_restart_onto_new_pods_behind_dns_that_lags_30s() {
+    let _one = ONE_LAB_AT_A_TIME.lock().await;
+    let mut run = Run::start(6).await;
+    run.start_load();
+    tokio::time::sleep(STEADY).await;
+
+    // As a Deployment rolls (maxSurge 1, maxUnavailable 0): a new pod on a
+    // new address starts and becomes ready, then an old one is terminated.
+    // DNS shows each change only DNS_LAG later; the replicas' announcements
+    // must carry them meanwhile.
+    let mut listed: std::collections::BTreeSet<usize> = (0..REPLICAS).collect();
+    let mut dns_changes: Vec<(Instant, usize, bool)> = Vec::new();
+    let mut routable: Vec<usize> = (0..REPLICAS).collect();
+    let outage = Instant::now();
+    for old in 0..REPLICAS {
+        let began = Instant::now();
+        let new = run.lab.add_host().await;
+        assert_eq!(run.endpoints.add(run.lab.addr(new)), new);
+        run.lab.start_replica(new);
+        wait_serving(run.lab.addr(new)).await;
+        dns_changes.push((Instant::now() + DNS_LAG, new, true));
+        run.traffic.subscribe(&run.endpoints, new);
+        routable.push(new);
+        run.endpoints.set_routable(routable.clone());
+        run.record_fault(new, FaultKind::Joined, began);
+
+        let began = Instant::now();
+        run.lab.signal(old, libc::SIGTERM);
+        dns_changes.push((Instant::now() + DNS_LAG, old, false));
+        // The clients' endpoints follow faster than DNS (as kube-proxy's do).
+        tokio::time::sleep(ENDPOINTS_LAG).await;
+        routable.retain(|s| *s != old);
+        run.endpoints.set_routable(routable.clone());
+        let status = run.lab.wait_exit(old).await;
+        let exited = Instant::now();
+        assert!(status.success(), "replica {old} exited with {status} after SIGTERM");
+        run.record_fault(old, FaultKind::Retired { exited }, began);
+    }
+    // DNS catches up, one change at a time, under the same load.
+    for (due, slot, add) in dns_changes {
+        tokio::time::sleep_until(due.into()).await;
+        if add {
+            listed.insert(slot);
+        } else {
+            listed.remove(&slot);
+        }
+        run.lab.publish(listed.iter().copied());
+    }
+    run.window = Some((outage, Instant::now()));
+
+    tokio::time::sleep(RECOVERY).await;
+    let report = run
+        .finish("6. rolling restart onto five new pods behind DNS that lags 30 s both ways, ack=ALL")
+        .await;
+    assert_clean(&report);
+    assert_eq!(
+        report.fully_acked, report.sent,
+        "every Broadcast was acknowledged by every replica it targeted"
+    );
+    assert_eq!(report.healthy_failures, 0, "no receipt of a serving replica failed");
+}
+
+/// Waits until the replica at `addr` says SERVING (its join is announced).
+async fn wait_serving(addr: std::net::SocketAddr) {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "{addr} not SERVING within 20 s");
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .expect("valid uri")
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await;
+        if let Ok(channel) = channel
+            && let Ok(answer) = HealthClient::new(channel)
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+            && answer.get_ref().status == ServingStatus::Serving as i32
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -255,16 +255,16 @@ impl Cluster {
             }
         }
         let end = Instant::now();
+        let handles = self
+            .replicas
+            .values_mut()
+            .map(|r| r.handle.take().unwrap().shutdown());
+        for result in futures::future::join_all(handles).await {
+            result.expect("clean shutdown");
+        }
         let mut delivered: HashMap<SocketAddr, Vec<String>> = HashMap::new();
         let mut windows = Vec::new();
         for replica in self.replicas.values_mut() {
-            replica
-                .handle
-                .take()
-                .unwrap()
-                .shutdown()
-                .await
-                .expect("clean shutdown");
             let ids = replica.collector.take().unwrap().await.unwrap();
             delivered.insert(replica.addr, ids);
             windows.push((

@@ -72,6 +72,25 @@ async fn counters_move_with_traffic() {
     let before = samples(&scrape(metrics_addrs[0]).await);
     assert_eq!(before.get("replicast_peers"), Some(&2.0), "{before:?}");
     assert_eq!(before.get("replicast_peers_stale"), Some(&0.0));
+    // Membership: the other replica, from DNS; its join was announced and
+    // probed (both started together, so either may have come first).
+    assert_eq!(
+        before.get(r#"replicast_members{source="dns"}"#),
+        Some(&1.0),
+        "{before:?}"
+    );
+    assert_eq!(before.get(r#"replicast_members{source="announced"}"#), Some(&0.0));
+    assert_eq!(
+        before.get(r#"replicast_membership_changes_total{change="joined",cause="dns"}"#),
+        Some(&1.0),
+        "{before:?}"
+    );
+    assert!(
+        before
+            .get(r#"replicast_announcements_total{kind="join",result="confirmed"}"#)
+            .is_some_and(|v| *v >= 1.0),
+        "{before:?}"
+    );
     assert!(
         before
             .get("replicast_dns_lookups_total")

@@ -112,8 +112,10 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
     first_signal_of_two().await;
     eprintln!("\nstopping the cluster (Ctrl-C again to exit at once)…");
     printers.abort_all();
-    for replica in replicas {
-        replica.shutdown().await?;
+    // Together, as the pods of a deleted Deployment would: the whole
+    // cluster takes one replica's shutdown bound, not N of them.
+    for result in futures::future::join_all(replicas.into_iter().map(ServerHandle::shutdown)).await {
+        result?;
     }
     dns.shutdown().await;
     Ok(ExitCode::SUCCESS)

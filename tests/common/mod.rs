@@ -161,9 +161,12 @@ impl Cluster {
         client(self.addr(i)).await
     }
 
+    /// Shuts every replica down at once (as the pods of a deleted
+    /// Deployment), each cleanly.
     pub async fn shutdown(mut self) {
-        for replica in self.replicas.iter_mut().filter_map(Option::take) {
-            replica.shutdown().await.expect("replica shuts down cleanly");
+        let replicas = self.replicas.iter_mut().filter_map(Option::take);
+        for result in futures::future::join_all(replicas.map(ServerHandle::shutdown)).await {
+            result.expect("replica shuts down cleanly");
         }
         self.dns.shutdown().await;
     }

@@ -406,7 +406,10 @@ async fn rolling_restart_onto_new_pods_behind_dns_that_lags_30s() {
         run.endpoints.set_routable(routable.clone());
         let status = run.lab.wait_exit(old).await;
         let exited = Instant::now();
-        assert!(status.success(), "replica {old} exited with {status} after SIGTERM");
+        assert!(
+            status.success(),
+            "replica {old} exited with {status} after SIGTERM"
+        );
         run.record_fault(old, FaultKind::Retired { exited }, began);
     }
     // DNS catches up, one change at a time, under the same load.
@@ -430,12 +433,17 @@ async fn rolling_restart_onto_new_pods_behind_dns_that_lags_30s() {
         report.fully_acked, report.sent,
         "every Broadcast was acknowledged by every replica it targeted"
     );
-    assert_eq!(report.healthy_failures, 0, "no receipt of a serving replica failed");
+    assert_eq!(
+        report.healthy_failures, 0,
+        "no receipt of a serving replica failed"
+    );
 }
 
 /// Waits until the replica at `addr` says SERVING (its join is announced).
 async fn wait_serving(addr: std::net::SocketAddr) {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         assert!(Instant::now() < deadline, "{addr} not SERVING within 20 s");
@@ -446,7 +454,9 @@ async fn wait_serving(addr: std::net::SocketAddr) {
             .await;
         if let Ok(channel) = channel
             && let Ok(answer) = HealthClient::new(channel)
-                .check(HealthCheckRequest { service: String::new() })
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await
             && answer.get_ref().status == ServingStatus::Serving as i32
         {

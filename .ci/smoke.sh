@@ -187,6 +187,14 @@ grpcurl_broadcast() {
 }
 check "grpcurl Broadcast (JSON, ACK_POLICY_ALL): replicas 3, acked 3" grpcurl_broadcast
 
+grpcurl_identify() {
+  local out
+  out=$("${G[@]}" -d '{"kind":"IDENTIFY"}' "$A" replicast.v1.Replicast/Announce) || return 1
+  echo "$out"
+  json_assert "r['address'] == '$A' and r['serving'] is True and int(r['incarnation']) > 0" <<<"$out"
+}
+check "grpcurl Announce IDENTIFY: the replica names itself, serving" grpcurl_identify
+
 grpcurl_empty_topic() {
   local out
   if out=$("${G[@]}" -d '{"topic":"","payload":"aGVsbG8="}' "$A" replicast.v1.Replicast/Broadcast 2>&1); then

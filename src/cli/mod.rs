@@ -39,10 +39,11 @@ pub struct Cli {
     )]
     log_format: LogFormat,
 
-    /// Threads that run the replica's tasks. Defaults to the CPUs this
-    /// process may use (a container's CPU limit counts). Set it when
-    /// replicas share a machine's cores (several on one node, a
-    /// benchmark): more threads than cores only add context switches.
+    /// Threads that run this process's tasks (a replica's, or a client
+    /// command's). Defaults to the CPUs the process may use (a container's
+    /// CPU limit counts). Set it when replicas share a machine's cores
+    /// (several on one node, a benchmark): more threads than cores only add
+    /// context switches.
     #[arg(long, global = true, env = "REPLICAST_WORKER_THREADS")]
     worker_threads: Option<std::num::NonZeroUsize>,
 

@@ -706,10 +706,10 @@ impl MembershipTask {
             peers: self.view.members().keys().copied().collect(),
             ..(*self.dns).clone()
         };
-        if changes.is_empty() && self.fanout.peer_set().borrow().snapshot.as_ref() == &snapshot {
-            return;
+        if !changes.is_empty() || self.fanout.peer_set().borrow().snapshot.as_ref() != &snapshot {
+            self.fanout.update_peers(Arc::new(snapshot));
         }
-        self.fanout.update_peers(Arc::new(snapshot));
+        // The lists in Announce answers may change without a member changing.
         self.members_tx.send_replace(Arc::new(Members {
             sources: self.view.members().clone(),
             announced: self.view.announced_members().collect(),

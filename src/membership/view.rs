@@ -37,7 +37,8 @@ use tokio::time::Instant;
 /// Where a member comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Source {
-    /// The last DNS answer lists it.
+    /// The discovery source lists it: the last DNS answer (or
+    /// `--static-peers`).
     Dns,
     /// It announced a join and proved its identity; DNS has not listed it yet.
     Announced,

@@ -227,6 +227,18 @@ cli_peers() {
 }
 check "replicast peers --to $A lists the 3 replicas" cli_peers
 
+cli_token() {
+  local out token line hashed
+  out=$("$BIN" token new --client smoke) || return 1
+  echo "$out"
+  token=$(sed -n 1p <<<"$out")
+  line=$(sed -n 2p <<<"$out")
+  [[ ${#token} -ge 40 && $line == "smoke sha256:"*" publish= subscribe=" ]] || return 1
+  hashed=$("$BIN" token hash --client smoke <<<"$token") || return 1
+  [[ $hashed == "$line" ]]
+}
+check "replicast token new / token hash print the same tokens-file line" cli_token
+
 cli_send() {
   local out
   out=$(timeout 30 "$BIN" send --to "${REPLICAS[2]}" --topic smoke --data hi 2>&1) || return 1

@@ -7,6 +7,7 @@ use std::{
 };
 
 use crate::{
+    auth::TokensSource,
     discovery::{DiscoveryConfig, PeerSource},
     lifecycle::ShutdownPlan,
     local::LocalLimits,
@@ -148,6 +149,21 @@ pub struct ServeArgs {
     /// to the peer set; a rollout adds at most its surge at a time.
     #[arg(long, env = "REPLICAST_MAX_ANNOUNCED_PEERS", default_value_t = 64)]
     pub max_announced_peers: usize,
+
+    /// Client tokens with topic permissions (see `replicast token hash` and
+    /// examples/tokens.txt). Set: Broadcast, Publish, Subscribe and
+    /// ListPeers need `authorization: Bearer <token>`; health stays open.
+    /// Re-read when it changes, all or nothing.
+    #[arg(long, env = "REPLICAST_TOKENS_FILE")]
+    pub tokens_file: Option<std::path::PathBuf>,
+
+    /// How often the tokens file is looked at for changes.
+    #[arg(long, env = "REPLICAST_TOKENS_RELOAD_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub tokens_reload_interval: Duration,
+
+    /// Serve gRPC server reflection (v1 and v1alpha, for grpcurl).
+    #[arg(long, env = "REPLICAST_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
 }
 
 /// `host:port`, or `:port` for every interface.
@@ -188,6 +204,10 @@ pub struct Config {
     pub announce_lease: Duration,
     /// See `--max-announced-peers`.
     pub max_announced_peers: usize,
+    /// See `--tokens-file` (None: no authentication).
+    pub tokens: Option<TokensSource>,
+    /// See `--reflection`.
+    pub reflection: bool,
 }
 
 /// A flag with a value that cannot work. The message names both.
@@ -238,6 +258,13 @@ impl TryFrom<ServeArgs> for Config {
         positive("drain-timeout", args.drain_timeout)?;
         positive("shutdown-timeout", args.shutdown_timeout)?;
         positive("announce-lease", args.announce_lease)?;
+        if args.tokens_reload_interval < Duration::from_millis(100) {
+            return Err(err(
+                "tokens-reload-interval",
+                &humantime::format_duration(args.tokens_reload_interval),
+                "must be at least 100ms",
+            ));
+        }
         if args.publish_window == 0 {
             return Err(err("publish-window", &0, "must be at least 1"));
         }
@@ -324,6 +351,11 @@ impl TryFrom<ServeArgs> for Config {
             shutdown: ShutdownPlan::new(args.shutdown_timeout, args.drain_timeout),
             announce_lease: args.announce_lease,
             max_announced_peers: args.max_announced_peers,
+            tokens: args.tokens_file.map(|path| TokensSource {
+                path,
+                interval: args.tokens_reload_interval,
+            }),
+            reflection: args.reflection,
             metrics_listen: args.metrics_listen,
             redelivery_window: args.redelivery_window,
             redelivery_max_bytes: args.redelivery_max_bytes,

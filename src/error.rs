@@ -79,6 +79,22 @@ pub enum Error {
 
     #[error(transparent)]
     Announce(#[from] crate::membership::AnnounceError),
+
+    #[error("{0}")]
+    Unauthenticated(#[from] crate::auth::AuthError),
+
+    #[error(
+        "client {client} may not {action} {what} (the tokens file does not allow it{})",
+        if *.reloaded { "; it changed since this stream began" } else { "" }
+    )]
+    PermissionDenied {
+        client: std::sync::Arc<str>,
+        action: crate::auth::Action,
+        /// "topic X" or "filter Y".
+        what: String,
+        /// The permission was lost when the tokens file was reloaded.
+        reloaded: bool,
+    },
 }
 
 impl Error {
@@ -98,6 +114,8 @@ impl Error {
                 ..
             } => Code::DeadlineExceeded,
             Error::PolicyNotMet { .. } => Code::Unavailable,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::Announce(e) => {
                 use crate::membership::AnnounceError;
                 match e {

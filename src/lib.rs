@@ -18,6 +18,7 @@
 //! - [`cli`]: the client commands (send, subscribe, peers, bench, dev-cluster).
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod devdns;

@@ -106,6 +106,20 @@ pub struct AnnouncementLabels {
     pub result: &'static str,
 }
 
+/// Labels of a tokens-file reload.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// loaded, rejected (did not parse; the previous file stays), unreadable.
+    pub result: &'static str,
+}
+
+/// Labels of a call refused for its credentials.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthRefusalLabels {
+    /// unauthenticated or permission_denied.
+    pub code: &'static str,
+}
+
 /// The membership counters, updated by the membership task.
 #[derive(Debug, Clone, Default)]
 pub struct MembershipMetrics {
@@ -142,6 +156,8 @@ pub struct Metrics {
     pub subscriber_overflows: Family<OverflowLabels, Counter>,
     pub redeliveries: Family<RedeliveryLabels, Counter>,
     pub membership: MembershipMetrics,
+    pub token_reloads: Family<ReloadLabels, Counter>,
+    pub auth_refusals: Family<AuthRefusalLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -162,6 +178,8 @@ impl Default for Metrics {
             subscriber_overflows: Family::default(),
             redeliveries: Family::default(),
             membership: MembershipMetrics::default(),
+            token_reloads: Family::default(),
+            auth_refusals: Family::default(),
         }
     }
 }
@@ -243,6 +261,16 @@ impl Metrics {
             "replicast_announcements",
             "Join and leave announcements other replicas sent, by what became of them",
             self.membership.announcements.clone(),
+        );
+        registry.register(
+            "replicast_tokens_reloads",
+            "Changes of the tokens file seen, by result (loaded, rejected: the previous tokens stay, unreadable)",
+            self.token_reloads.clone(),
+        );
+        registry.register(
+            "replicast_auth_refusals",
+            "Calls refused for their credentials (unauthenticated) or their topics (permission_denied)",
+            self.auth_refusals.clone(),
         );
         registry.register_collector(Box::new(replica));
         registry

@@ -14,6 +14,7 @@ use std::{
     collections::VecDeque,
     future::Future,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -22,6 +23,7 @@ use futures::{Stream, future::BoxFuture, stream::FuturesUnordered};
 use tonic::{Code, Status, Streaming};
 
 use crate::{
+    auth::Client,
     error::{Error, publish_response},
     lifecycle::Phase,
     proto::v1::{PublishRequest, PublishResponse},
@@ -32,6 +34,9 @@ use crate::{
 /// The responses of one Publish call. See the module documentation.
 pub struct PublishStream {
     service: ReplicastService,
+    /// The calling client (`None` with tokens off): each message's topic
+    /// is checked against its permissions.
+    client: Option<Arc<Client>>,
     /// `None` once the client finished sending (or its stream broke).
     requests: Option<Streaming<PublishRequest>>,
     in_flight: FuturesUnordered<BoxFuture<'static, PublishResponse>>,
@@ -49,6 +54,7 @@ pub struct PublishStream {
 impl PublishStream {
     pub fn new(
         service: ReplicastService,
+        client: Option<Arc<Client>>,
         requests: Streaming<PublishRequest>,
         window: usize,
         span: tracing::Span,
@@ -64,6 +70,7 @@ impl PublishStream {
         };
         Self {
             service,
+            client,
             requests: Some(requests),
             in_flight: FuturesUnordered::new(),
             ready: VecDeque::new(),
@@ -102,9 +109,12 @@ impl PublishStream {
         };
         let service = self.service.clone();
         let span = self.span.clone();
+        let client = self.client.clone();
         self.in_flight.push(Box::pin(async move {
             let ack = broadcast.ack;
-            let result = service.broadcast_one(broadcast, timeout, &span).await;
+            let result = service
+                .broadcast_one(broadcast, client.as_deref(), timeout, &span)
+                .await;
             service.record_broadcast(ack, &result);
             publish_response(tag, result)
         }));

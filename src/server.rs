@@ -10,6 +10,7 @@ use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
 use crate::{
+    auth::{Tokens, TokensLoadError, spawn_tokens_reload},
     config::Config,
     discovery::{DiscoveryError, LookupCounters, spawn_discovery},
     fanout::{BacklogBudget, Connect, FanOut, Link, LinkConfig, PeerLink},
@@ -32,6 +33,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tokens(#[from] TokensLoadError),
     #[error("cannot listen for metrics on {addr} (--metrics-listen): {source}")]
     MetricsListen {
         addr: SocketAddr,
@@ -61,6 +64,20 @@ pub async fn serve(
         None => None,
     };
     let metrics = Metrics::default();
+    let (phase_tx, phase) = lifecycle();
+    // Loaded before anything starts: a bad file fails start-up. The reload
+    // task ends at Closing.
+    let tokens = match config.tokens.clone() {
+        Some(source) => {
+            let (tokens_rx, _reload) =
+                spawn_tokens_reload(source, metrics.token_reloads.clone(), phase.clone()).await?;
+            Tokens::from_watch(tokens_rx)
+        }
+        None => {
+            warn!("no --tokens-file: any client that reaches the port may Broadcast, Publish and Subscribe");
+            Tokens::off()
+        }
+    };
     let discovery = spawn_discovery(
         config.discovery.clone(),
         LookupCounters {
@@ -90,7 +107,6 @@ pub async fn serve(
         connect,
         metrics.clone(),
     ));
-    let (phase_tx, phase) = lifecycle();
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
     let membership = spawn_membership(
@@ -109,14 +125,19 @@ pub async fn serve(
         metrics.membership.clone(),
     );
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = if config.reflection {
+        let v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        (Some(v1), Some(v1alpha))
+    } else {
+        (None, None)
+    };
 
     let service = ReplicastService::new(
         ServiceConfig {
@@ -131,6 +152,7 @@ pub async fn serve(
         local.clone(),
         fanout.clone(),
         membership.handle(),
+        tokens,
         metrics.clone(),
     );
     let metrics_endpoint = metrics_listener.map(|listener| {
@@ -189,8 +211,8 @@ pub async fn serve(
         .layer(GrpcTraceLayer)
         .layer(OversizeLayer)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(replicast)
         .serve_with_incoming_shutdown(
             // Server::tcp_nodelay only applies to listeners tonic binds itself.

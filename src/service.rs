@@ -13,12 +13,13 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{
+    auth::{Action, Client, Pattern, TokenTable, Tokens},
     error::{Error, code_name},
     fanout::{self, Budget, FanOut, LinkStatus, PeerSet, budget, deliver_locally},
     lifecycle::{Phase, PhaseRx},
     local::{Delivered, LocalDelivery, Start, TopicFilter},
     membership::{AnnounceError, MembershipHandle, Source},
-    metrics::{Metrics, OverflowLabels},
+    metrics::{AuthRefusalLabels, Metrics, OverflowLabels},
     proto::{
         replica::replicast_server::Replicast,
         v1::{
@@ -75,6 +76,7 @@ pub struct ReplicastService {
     fanout: Arc<FanOut>,
     peer_set_rx: watch::Receiver<Arc<PeerSet>>,
     membership: MembershipHandle,
+    tokens: Tokens,
     metrics: Metrics,
     /// `self_addr` as every message's origin, formatted once.
     origin: Arc<str>,
@@ -97,6 +99,7 @@ impl ReplicastService {
         local: Arc<LocalDelivery>,
         fanout: Arc<FanOut>,
         membership: MembershipHandle,
+        tokens: Tokens,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -106,8 +109,62 @@ impl ReplicastService {
             peer_set_rx: fanout.peer_set(),
             fanout,
             membership,
+            tokens,
             metrics,
         }
+    }
+
+    /// The calling client (`None` with tokens off), or the refusal.
+    pub(crate) fn authenticate<T>(&self, request: &Request<T>) -> Result<Option<Arc<Client>>, Error> {
+        self.tokens.authenticate(request.metadata()).map_err(|error| {
+            self.count_refusal("unauthenticated");
+            Error::from(error)
+        })
+    }
+
+    /// Whether `client` may publish to `topic` (anyone may with tokens off).
+    fn authorize_publish(&self, client: Option<&Client>, topic: &str) -> Result<(), Error> {
+        match client {
+            Some(client) if !client.allows_topic(Action::Publish, topic) => {
+                self.count_refusal("permission_denied");
+                Err(Error::PermissionDenied {
+                    client: client.name.clone(),
+                    action: Action::Publish,
+                    what: format!("topic {topic}"),
+                    reloaded: false,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `client` may subscribe with `topics` (empty: every topic).
+    fn authorize_filters(&self, client: &Client, topics: &[String], reloaded: bool) -> Result<(), Error> {
+        let all = ["*".to_owned()];
+        let filters = if topics.is_empty() { &all[..] } else { topics };
+        for filter in filters {
+            if !client.allows_filter(&Pattern::parse(filter)) {
+                self.count_refusal("permission_denied");
+                return Err(Error::PermissionDenied {
+                    client: client.name.clone(),
+                    action: Action::Subscribe,
+                    what: if topics.is_empty() {
+                        "every topic (no filter); subscribe to the topics it may receive".to_owned()
+                    } else {
+                        format!("filter {filter}")
+                    },
+                    reloaded,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn count_refusal(&self, code: &'static str) {
+        self.metrics
+            .auth_refusals
+            .get_or_create(&AuthRefusalLabels { code })
+            .inc();
     }
 
     /// One Broadcast, from the unary RPC or a Publish stream: validation,
@@ -117,6 +174,7 @@ impl ReplicastService {
     pub(crate) async fn broadcast_one(
         &self,
         request: BroadcastRequest,
+        client: Option<&Client>,
         caller_timeout: Option<Duration>,
         parent: &tracing::Span,
     ) -> Result<BroadcastResponse, Error> {
@@ -135,6 +193,7 @@ impl ReplicastService {
         validate::payload(request.payload.len(), self.config.max_message_bytes)?;
         validate::headers(&request.headers)?;
         validate::id(&request.id)?;
+        self.authorize_publish(client, &request.topic)?;
         // Encoded into a buffer of its own: the request's payload is a view
         // into tonic's decode buffer, which is not kept.
         let id = if request.id.is_empty() {
@@ -278,10 +337,16 @@ impl Replicast for ReplicastService {
         request: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
         let caller_timeout = budget::caller_timeout(request.metadata());
+        let client = self.authenticate(&request)?;
         let request = request.into_inner();
         let ack = request.ack;
         let result = self
-            .broadcast_one(request, caller_timeout, &tracing::Span::current())
+            .broadcast_one(
+                request,
+                client.as_deref(),
+                caller_timeout,
+                &tracing::Span::current(),
+            )
             .await;
         self.record_broadcast(ack, &result);
         result.map(Response::new).map_err(Status::from)
@@ -293,8 +358,10 @@ impl Replicast for ReplicastService {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
+        let client = self.authenticate(&request)?;
         let responses = PublishStream::new(
             self.clone(),
+            client,
             request.into_inner(),
             self.config.publish_window,
             tracing::Span::current(),
@@ -384,8 +451,12 @@ impl Replicast for ReplicastService {
         // Still accepted while draining: this replica keeps delivering until
         // it closes, and a subscriber whose stream broke must be able to
         // resume and read what was delivered meanwhile.
+        let client = self.authenticate(&request)?;
         let req = request.into_inner();
         validate::topic_filters(&req.topics).map_err(Error::from)?;
+        if let Some(client) = &client {
+            self.authorize_filters(client, &req.topics, false)?;
+        }
         let start = if req.after_sequence == 0 && req.from_oldest {
             Start::Oldest
         } else {
@@ -426,13 +497,38 @@ impl Replicast for ReplicastService {
         });
         // The subscription itself ends when local delivery closes, after the
         // drain and after this subscriber got every delivery made before it.
-        Ok(Response::new(Box::pin(deliveries)))
+        let deliveries: RpcStream<EncodedDelivery> = Box::pin(deliveries);
+        match (client, self.tokens.watch()) {
+            (Some(client), Some(tokens_rx)) => {
+                let service = self.clone();
+                let topics = req.topics;
+                Ok(Response::new(until_revoked(
+                    deliveries,
+                    tokens_rx,
+                    move |table| match table.still_valid(&client) {
+                        Some(current) => service.authorize_filters(&current, &topics, true),
+                        None => {
+                            service.count_refusal("permission_denied");
+                            Err(Error::PermissionDenied {
+                                client: client.name.clone(),
+                                action: Action::Subscribe,
+                                what: "any topic: its token is no longer in the tokens file".to_owned(),
+                                reloaded: true,
+                            })
+                        }
+                    },
+                )))
+            }
+            _ => Ok(Response::new(deliveries)),
+        }
     }
 
     async fn list_peers(
         &self,
-        _request: Request<ListPeersRequest>,
+        request: Request<ListPeersRequest>,
     ) -> Result<Response<ListPeersResponse>, Status> {
+        // Any client with a valid token may see the cluster.
+        self.authenticate(&request)?;
         let set = self.peer_set_rx.borrow().clone();
         let self_addr = self.config.self_addr;
         let members = self.membership.members();
@@ -514,6 +610,41 @@ fn announced_replicas(list: &[(SocketAddr, u64)]) -> Vec<AnnouncedReplica> {
             incarnation: *incarnation,
         })
         .collect()
+}
+
+/// Ends `stream` with the error `check` returns when the tokens file
+/// changes and the stream's client lost its permission.
+fn until_revoked<T: Send + 'static>(
+    stream: RpcStream<T>,
+    tokens_rx: watch::Receiver<Arc<TokenTable>>,
+    check: impl Fn(&TokenTable) -> Result<(), Error> + Send + Sync + 'static,
+) -> RpcStream<T> {
+    Box::pin(futures::stream::unfold(
+        Some((stream, tokens_rx, check)),
+        |state| async move {
+            let (mut stream, mut tokens_rx, check) = state?;
+            loop {
+                tokio::select! {
+                    biased;
+                    changed = tokens_rx.changed() => {
+                        if changed.is_err() {
+                            // No more reloads (the replica is closing).
+                            let item = stream.next().await?;
+                            return Some((item, Some((stream, tokens_rx, check))));
+                        }
+                        let table = tokens_rx.borrow_and_update().clone();
+                        if let Err(error) = check(&table) {
+                            return Some((Err(Status::from(error)), None));
+                        }
+                    }
+                    item = stream.next() => {
+                        let item = item?;
+                        return Some((item, Some((stream, tokens_rx, check))));
+                    }
+                }
+            }
+        },
+    ))
 }
 
 /// The `ack` label of a Broadcast in metrics.

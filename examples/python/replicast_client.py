@@ -393,15 +393,54 @@ class Subscription:
         self.cancel()
 
 
-class ReplicastClient:
-    """A connection to one replica. Cheap to keep for the life of a process."""
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call (replicas started
+    with --tokens-file need it on Broadcast, Publish, Subscribe, ListPeers)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, options: Iterable = ()):
+    def __init__(self, token: str):
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        metadata = list(details.metadata or []) + [self._metadata]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
+class ReplicastClient:
+    """A connection to one replica. Cheap to keep for the life of a process.
+
+    ``token`` (default: the REPLICAST_TOKEN environment variable) is sent as
+    ``authorization: Bearer <token>`` on every call."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        options: Iterable = (),
+        token: str | None = os.environ.get("REPLICAST_TOKEN"),
+    ):
         # The sidecar is on loopback or in-cluster: never route it through an
         # http_proxy / grpc_proxy from the environment.
         self.target = target
         self._channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0), *options])
-        self._stub = pb_grpc.ReplicastStub(self._channel)
+        calls = grpc.intercept_channel(self._channel, _BearerToken(token)) if token else self._channel
+        self._stub = pb_grpc.ReplicastStub(calls)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:

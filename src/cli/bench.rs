@@ -21,15 +21,11 @@ use tokio::{
     sync::{mpsc, oneshot},
     task::JoinSet,
 };
-use tonic::{
-    Request,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Request, transport::Endpoint};
 
 use super::{CliError, client::AckArg, connect};
 use crate::proto::v1::{
     AckPolicy, BroadcastRequest, ListPeersRequest, PublishRequest, PublishResponse, SubscribeRequest,
-    replicast_client::ReplicastClient,
 };
 
 /// Header carrying the bench sequence number, so subscribers can match.
@@ -75,7 +71,7 @@ pub enum Api {
 /// Sends one message and says whether its ack policy was met.
 #[derive(Debug, Clone)]
 enum Sender {
-    Unary(ReplicastClient<Channel>),
+    Unary(super::Client),
     Publish(Arc<Publisher>),
 }
 
@@ -100,7 +96,7 @@ struct Publisher {
 }
 
 impl Publisher {
-    async fn open(mut client: ReplicastClient<Channel>) -> Result<Arc<Self>, CliError> {
+    async fn open(mut client: super::Client) -> Result<Arc<Self>, CliError> {
         let (request_tx, request_rx) = mpsc::channel(1024);
         let mut responses = client
             .publish(tokio_stream::wrappers::ReceiverStream::new(request_rx))

@@ -8,7 +8,10 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+};
 
 use crate::{
     config::{Config, ServeArgs},
@@ -47,6 +50,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "REPLICAST_WORKER_THREADS")]
     worker_threads: Option<std::num::NonZeroUsize>,
 
+    /// Token the client commands send (`authorization: Bearer <token>`), for
+    /// replicas started with --tokens-file. Prefer the environment variable:
+    /// a flag shows in the process list.
+    #[arg(long, global = true, env = "REPLICAST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +87,28 @@ enum Command {
     Peers(PeersArgs),
     /// Measure Broadcast latency and throughput against a running cluster.
     Bench(BenchArgs),
+    /// Client tokens for --tokens-file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `replicast token ...`
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Reads a token from standard input and prints its line for the tokens
+    /// file (fill in publish= and subscribe=).
+    Hash {
+        /// The client's name in the tokens file.
+        #[arg(long)]
+        client: String,
+    },
+    /// Makes a random token: prints it on the first line, and its line for
+    /// the tokens file on the second.
+    New {
+        /// The client's name in the tokens file.
+        #[arg(long)]
+        client: String,
+    },
 }
 
 /// A failed command, printed by `main`.
@@ -112,6 +143,10 @@ impl Cli {
             }
             command => {
                 telemetry::init_logging(self.log_format);
+                let credentials = Credentials::new(self.token.as_deref())?;
+                CREDENTIALS
+                    .set(credentials)
+                    .map_err(|_| "credentials are set once per process")?;
                 command.run_client().await
             }
         }
@@ -126,6 +161,26 @@ impl Command {
             Command::Subscribe(args) => client::subscribe(args).await,
             Command::Peers(args) => client::peers(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Token(TokenCommand::Hash { client }) => {
+                let mut token = String::new();
+                std::io::stdin()
+                    .read_line(&mut token)
+                    .map_err(|e| format!("cannot read the token from standard input: {e}"))?;
+                let token = token.trim();
+                if token.is_empty() {
+                    return Err("no token on standard input".into());
+                }
+                println!("{}", crate::auth::digest_line(&client, token));
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Token(TokenCommand::New { client }) => {
+                use base64::Engine as _;
+                let token =
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+                println!("{token}");
+                println!("{}", crate::auth::digest_line(&client, &token));
+                Ok(ExitCode::SUCCESS)
+            }
         }
     }
 }
@@ -200,8 +255,40 @@ impl StopSignals {
     }
 }
 
+/// The token the client commands send, set once from `--token`.
+static CREDENTIALS: std::sync::OnceLock<Credentials> = std::sync::OnceLock::new();
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a token.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Credentials {
+    fn new(token: Option<&str>) -> Result<Self, CliError> {
+        token
+            .map(|token| {
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| CliError::from("--token must be printable ASCII"))
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the client commands.
+pub type Client = ReplicastClient<InterceptedService<Channel, Credentials>>;
+
 /// Connects a client to `addr` (`host:port` or a URL).
-pub async fn connect(addr: &str) -> Result<ReplicastClient<Channel>, CliError> {
+pub async fn connect(addr: &str) -> Result<Client, CliError> {
     let url = if addr.contains("://") {
         addr.to_owned()
     } else {
@@ -214,7 +301,8 @@ pub async fn connect(addr: &str) -> Result<ReplicastClient<Channel>, CliError> {
         .connect()
         .await
         .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)))?;
-    Ok(ReplicastClient::new(channel)
+    let credentials = CREDENTIALS.get().cloned().unwrap_or_default();
+    Ok(ReplicastClient::with_interceptor(channel, credentials)
         .max_decoding_message_size(256 * 1024 * 1024)
         .max_encoding_message_size(256 * 1024 * 1024))
 }

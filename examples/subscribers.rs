@@ -1,7 +1,7 @@
 //! Many Subscribe streams on one replica: how long until the last of them
 //! has a message, how many keep up, and the replica's resident memory.
 //!
-//!     cargo run --release -- serve --listen 127.0.0.1:7420 &
+//!     cargo run --release -- serve --listen 127.0.0.1:7420 --max-subscribers-per-client 0 &
 //!     cargo run --release --example subscribers -- --to 127.0.0.1:7420 \
 //!         --subscribers 10000 --rate 1000 --duration 10s --pid $(pgrep -f 'replicast serve')
 //!
@@ -9,7 +9,8 @@
 //! connection (servers cap concurrent streams per connection). The publisher
 //! sends `--rate` unary Broadcasts a second (ack ONE), each carrying its
 //! sequence number in the payload. Loopback only; every loop is bounded by
-//! `--duration`.
+//! `--duration`. All the streams come from one address, so the replica must
+//! not limit Subscribe streams per client (`--max-subscribers-per-client 0`).
 
 use std::{
     sync::{

@@ -10,6 +10,7 @@ use crate::{
     auth::TokensSource,
     discovery::{DiscoveryConfig, PeerSource},
     lifecycle::ShutdownPlan,
+    limits::LimitsConfig,
     local::LocalLimits,
 };
 
@@ -161,6 +162,48 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_TOKENS_RELOAD_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub tokens_reload_interval: Duration,
 
+    /// Subscribe streams open on this replica at most (0: no limit).
+    #[arg(long, env = "REPLICAST_MAX_SUBSCRIBERS", default_value_t = 20_000)]
+    pub max_subscribers: usize,
+
+    /// Subscribe streams one client (its token's name, or its IP address
+    /// without tokens) may have open on this replica (0: no limit).
+    #[arg(long, env = "REPLICAST_MAX_SUBSCRIBERS_PER_CLIENT", default_value_t = 1_000)]
+    pub max_subscribers_per_client: usize,
+
+    /// Broadcasts a second one client may send through this replica, each
+    /// Publish message counted; up to a second's worth at once (0: no
+    /// limit). The default is a safety net above what one replica serves;
+    /// set a fair share where clients share replicas.
+    #[arg(long, env = "REPLICAST_BROADCAST_RATE_PER_CLIENT", default_value_t = 100_000)]
+    pub broadcast_rate_per_client: u32,
+
+    /// The longest deadline a Broadcast or a Publish message may ask for.
+    #[arg(long, env = "REPLICAST_MAX_DEADLINE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_deadline: Duration,
+
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    #[arg(long, env = "REPLICAST_MAX_STREAMS_PER_CONNECTION", default_value_t = 1_024)]
+    pub max_streams_per_connection: u32,
+
+    /// Largest HTTP/2 header list (metadata) a call may send, in bytes.
+    #[arg(long, env = "REPLICAST_MAX_HEADER_LIST_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_list_bytes: u32,
+
+    /// HTTP/2 ping interval on idle connections; a connection whose ping
+    /// goes unanswered for --http2-keepalive-timeout is closed.
+    #[arg(long, env = "REPLICAST_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// See --http2-keepalive-interval.
+    #[arg(long, env = "REPLICAST_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// Connections older than this are asked to go away (GOAWAY) and given
+    /// the close step to finish; clients reconnect. 0: no limit.
+    #[arg(long, env = "REPLICAST_MAX_CONNECTION_AGE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Duration,
+
     /// Serve gRPC server reflection (v1 and v1alpha, for grpcurl).
     #[arg(long, env = "REPLICAST_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
@@ -208,6 +251,21 @@ pub struct Config {
     pub tokens: Option<TokensSource>,
     /// See `--reflection`.
     pub reflection: bool,
+    /// Per-client and per-replica limits.
+    pub limits: LimitsConfig,
+    /// The HTTP/2 server's limits.
+    pub http2: Http2Limits,
+}
+
+/// The HTTP/2 settings that bound what one connection can do.
+#[derive(Debug, Clone, Copy)]
+pub struct Http2Limits {
+    pub max_streams_per_connection: u32,
+    pub max_header_list_bytes: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Zero: no limit.
+    pub max_connection_age: Duration,
 }
 
 /// A flag with a value that cannot work. The message names both.
@@ -258,6 +316,19 @@ impl TryFrom<ServeArgs> for Config {
         positive("drain-timeout", args.drain_timeout)?;
         positive("shutdown-timeout", args.shutdown_timeout)?;
         positive("announce-lease", args.announce_lease)?;
+        positive("max-deadline", args.max_deadline)?;
+        positive("http2-keepalive-interval", args.http2_keepalive_interval)?;
+        positive("http2-keepalive-timeout", args.http2_keepalive_timeout)?;
+        if args.max_streams_per_connection == 0 {
+            return Err(err("max-streams-per-connection", &0, "must be at least 1"));
+        }
+        if args.max_header_list_bytes < 1024 {
+            return Err(err(
+                "max-header-list-bytes",
+                &args.max_header_list_bytes,
+                "must be at least 1024 (gRPC's own headers need room)",
+            ));
+        }
         if args.tokens_reload_interval < Duration::from_millis(100) {
             return Err(err(
                 "tokens-reload-interval",
@@ -356,6 +427,19 @@ impl TryFrom<ServeArgs> for Config {
                 interval: args.tokens_reload_interval,
             }),
             reflection: args.reflection,
+            limits: LimitsConfig {
+                max_subscribers: args.max_subscribers,
+                max_subscribers_per_client: args.max_subscribers_per_client,
+                broadcast_rate_per_client: args.broadcast_rate_per_client,
+                max_deadline: args.max_deadline,
+            },
+            http2: Http2Limits {
+                max_streams_per_connection: args.max_streams_per_connection,
+                max_header_list_bytes: args.max_header_list_bytes,
+                keepalive_interval: args.http2_keepalive_interval,
+                keepalive_timeout: args.http2_keepalive_timeout,
+                max_connection_age: args.max_connection_age,
+            },
             metrics_listen: args.metrics_listen,
             redelivery_window: args.redelivery_window,
             redelivery_max_bytes: args.redelivery_max_bytes,

@@ -83,6 +83,14 @@ pub enum Error {
     #[error("{0}")]
     Unauthenticated(#[from] crate::auth::AuthError),
 
+    #[error("limit {flag}: {detail}")]
+    LimitReached { flag: &'static str, detail: String },
+
+    #[error(
+        "the call asks for a deadline of {asked:?}, more than this replica allows (--max-deadline {max:?}); ask for less"
+    )]
+    DeadlineTooLong { asked: Duration, max: Duration },
+
     #[error(
         "client {client} may not {action} {what} (the tokens file does not allow it{})",
         if *.reloaded { "; it changed since this stream began" } else { "" }
@@ -115,6 +123,8 @@ impl Error {
             } => Code::DeadlineExceeded,
             Error::PolicyNotMet { .. } => Code::Unavailable,
             Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::LimitReached { .. } => Code::ResourceExhausted,
+            Error::DeadlineTooLong { .. } => Code::InvalidArgument,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::Announce(e) => {
                 use crate::membership::AnnounceError;

@@ -26,6 +26,7 @@ pub mod discovery;
 pub mod error;
 pub mod fanout;
 pub mod lifecycle;
+pub mod limits;
 pub mod local;
 pub mod loopback;
 pub mod membership;

@@ -14,7 +14,6 @@ use std::{
     collections::VecDeque,
     future::Future,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -23,10 +22,10 @@ use futures::{Stream, future::BoxFuture, stream::FuturesUnordered};
 use tonic::{Code, Status, Streaming};
 
 use crate::{
-    auth::Client,
     error::{Error, publish_response},
     lifecycle::Phase,
     proto::v1::{PublishRequest, PublishResponse},
+    service::Caller,
     service::ReplicastService,
     validate::ValidationError,
 };
@@ -34,9 +33,9 @@ use crate::{
 /// The responses of one Publish call. See the module documentation.
 pub struct PublishStream {
     service: ReplicastService,
-    /// The calling client (`None` with tokens off): each message's topic
-    /// is checked against its permissions.
-    client: Option<Arc<Client>>,
+    /// Who calls: each message's topic is checked against its permissions
+    /// and counted against its rate.
+    caller: Caller,
     /// `None` once the client finished sending (or its stream broke).
     requests: Option<Streaming<PublishRequest>>,
     in_flight: FuturesUnordered<BoxFuture<'static, PublishResponse>>,
@@ -52,9 +51,9 @@ pub struct PublishStream {
 }
 
 impl PublishStream {
-    pub fn new(
+    pub(crate) fn new(
         service: ReplicastService,
-        client: Option<Arc<Client>>,
+        caller: Caller,
         requests: Streaming<PublishRequest>,
         window: usize,
         span: tracing::Span,
@@ -70,7 +69,7 @@ impl PublishStream {
         };
         Self {
             service,
-            client,
+            caller,
             requests: Some(requests),
             in_flight: FuturesUnordered::new(),
             ready: VecDeque::new(),
@@ -109,12 +108,10 @@ impl PublishStream {
         };
         let service = self.service.clone();
         let span = self.span.clone();
-        let client = self.client.clone();
+        let caller = self.caller.clone();
         self.in_flight.push(Box::pin(async move {
             let ack = broadcast.ack;
-            let result = service
-                .broadcast_one(broadcast, client.as_deref(), timeout, &span)
-                .await;
+            let result = service.broadcast_one(broadcast, &caller, timeout, &span).await;
             service.record_broadcast(ack, &result);
             publish_response(tag, result)
         }));

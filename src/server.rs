@@ -15,6 +15,7 @@ use crate::{
     discovery::{DiscoveryError, LookupCounters, spawn_discovery},
     fanout::{BacklogBudget, Connect, FanOut, Link, LinkConfig, PeerLink},
     lifecycle::{Phase, ShutdownClock, lifecycle},
+    limits::Limits,
     local::LocalDelivery,
     membership::{MembershipConfig, spawn_membership},
     metrics::{Metrics, ReplicaState, StateCollector},
@@ -153,6 +154,7 @@ pub async fn serve(
         fanout.clone(),
         membership.handle(),
         tokens,
+        Limits::new(config.limits),
         metrics.clone(),
     );
     let metrics_endpoint = metrics_listener.map(|listener| {
@@ -204,9 +206,21 @@ pub async fn serve(
         );
     }
 
-    let server = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    let http2 = config.http2;
+    let mut server = Server::builder()
+        .http2_keepalive_interval(Some(http2.keepalive_interval))
+        .http2_keepalive_timeout(Some(http2.keepalive_timeout))
+        .max_concurrent_streams(http2.max_streams_per_connection)
+        .http2_max_header_list_size(http2.max_header_list_bytes)
+        // HTTP/2 rapid reset (CVE-2023-44487): a client that opens and
+        // cancels streams faster than they are served is cut off.
+        .http2_max_pending_accept_reset_streams(Some(64));
+    if !http2.max_connection_age.is_zero() {
+        server = server
+            .max_connection_age(http2.max_connection_age)
+            .max_connection_age_grace(plan.close);
+    }
+    let server = server
         // Outermost first: the trace layer sees the final status.
         .layer(GrpcTraceLayer)
         .layer(OversizeLayer)

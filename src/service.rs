@@ -17,6 +17,7 @@ use crate::{
     error::{Error, code_name},
     fanout::{self, Budget, FanOut, LinkStatus, PeerSet, budget, deliver_locally},
     lifecycle::{Phase, PhaseRx},
+    limits::{ClientKey, Limits},
     local::{Delivered, LocalDelivery, Start, TopicFilter},
     membership::{AnnounceError, MembershipHandle, Source},
     metrics::{AuthRefusalLabels, Metrics, OverflowLabels},
@@ -77,6 +78,7 @@ pub struct ReplicastService {
     peer_set_rx: watch::Receiver<Arc<PeerSet>>,
     membership: MembershipHandle,
     tokens: Tokens,
+    limits: Arc<Limits>,
     metrics: Metrics,
     /// `self_addr` as every message's origin, formatted once.
     origin: Arc<str>,
@@ -100,6 +102,7 @@ impl ReplicastService {
         fanout: Arc<FanOut>,
         membership: MembershipHandle,
         tokens: Tokens,
+        limits: Arc<Limits>,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -110,6 +113,7 @@ impl ReplicastService {
             fanout,
             membership,
             tokens,
+            limits,
             metrics,
         }
     }
@@ -120,6 +124,18 @@ impl ReplicastService {
             self.count_refusal("unauthenticated");
             Error::from(error)
         })
+    }
+
+    /// Who is calling: the client of its token, and what its limits count
+    /// against (the token's name, or the address it calls from).
+    pub(crate) fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
+        let client = self.authenticate(request)?;
+        let key = match (&client, request.remote_addr()) {
+            (Some(client), _) => ClientKey::Named(client.name.clone()),
+            (None, Some(addr)) => ClientKey::Address(addr.ip()),
+            (None, None) => ClientKey::Unknown,
+        };
+        Ok(Caller { client, key })
     }
 
     /// Whether `client` may publish to `topic` (anyone may with tokens off).
@@ -174,7 +190,7 @@ impl ReplicastService {
     pub(crate) async fn broadcast_one(
         &self,
         request: BroadcastRequest,
-        client: Option<&Client>,
+        caller: &Caller,
         caller_timeout: Option<Duration>,
         parent: &tracing::Span,
     ) -> Result<BroadcastResponse, Error> {
@@ -182,6 +198,7 @@ impl ReplicastService {
         if self.config.phase.has_reached(Phase::Draining) {
             return Err(Error::ShuttingDown);
         }
+        self.limits.check_deadline(caller_timeout)?;
         let budget = Budget::new(
             arrived,
             caller_timeout,
@@ -193,7 +210,8 @@ impl ReplicastService {
         validate::payload(request.payload.len(), self.config.max_message_bytes)?;
         validate::headers(&request.headers)?;
         validate::id(&request.id)?;
-        self.authorize_publish(client, &request.topic)?;
+        self.authorize_publish(caller.client.as_deref(), &request.topic)?;
+        self.limits.admit_broadcast(&caller.key, arrived)?;
         // Encoded into a buffer of its own: the request's payload is a view
         // into tonic's decode buffer, which is not kept.
         let id = if request.id.is_empty() {
@@ -337,16 +355,11 @@ impl Replicast for ReplicastService {
         request: Request<BroadcastRequest>,
     ) -> Result<Response<BroadcastResponse>, Status> {
         let caller_timeout = budget::caller_timeout(request.metadata());
-        let client = self.authenticate(&request)?;
+        let caller = self.caller(&request)?;
         let request = request.into_inner();
         let ack = request.ack;
         let result = self
-            .broadcast_one(
-                request,
-                client.as_deref(),
-                caller_timeout,
-                &tracing::Span::current(),
-            )
+            .broadcast_one(request, &caller, caller_timeout, &tracing::Span::current())
             .await;
         self.record_broadcast(ack, &result);
         result.map(Response::new).map_err(Status::from)
@@ -358,10 +371,10 @@ impl Replicast for ReplicastService {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<Self::PublishStream>, Status> {
-        let client = self.authenticate(&request)?;
+        let caller = self.caller(&request)?;
         let responses = PublishStream::new(
             self.clone(),
-            client,
+            caller,
             request.into_inner(),
             self.config.publish_window,
             tracing::Span::current(),
@@ -451,12 +464,14 @@ impl Replicast for ReplicastService {
         // Still accepted while draining: this replica keeps delivering until
         // it closes, and a subscriber whose stream broke must be able to
         // resume and read what was delivered meanwhile.
-        let client = self.authenticate(&request)?;
+        let Caller { client, key } = self.caller(&request)?;
         let req = request.into_inner();
         validate::topic_filters(&req.topics).map_err(Error::from)?;
         if let Some(client) = &client {
             self.authorize_filters(client, &req.topics, false)?;
         }
+        // Counted while the stream lives: the slot goes with it.
+        let slot = self.limits.admit_subscriber(key)?;
         let start = if req.after_sequence == 0 && req.from_oldest {
             Start::Oldest
         } else {
@@ -467,10 +482,10 @@ impl Replicast for ReplicastService {
                 .subscribe_from(TopicFilter::new(&req.topics), start, req.incarnation)?;
         let incarnation = self.local.incarnation();
         let overflows = self.metrics.subscriber_overflows.clone();
-        let deliveries = futures::stream::unfold(Some(subscription), move |subscription| {
+        let deliveries = futures::stream::unfold(Some((subscription, slot)), move |state| {
             let overflows = overflows.clone();
             async move {
-                let mut subscription = subscription?;
+                let (mut subscription, slot) = state?;
                 match subscription.next().await {
                     // The ring's bytes, written around: no copy of the message.
                     Ok(delivery) => Some((
@@ -479,7 +494,7 @@ impl Replicast for ReplicastService {
                             message: delivery.message.bytes().clone(),
                             incarnation,
                         }),
-                        Some(subscription),
+                        Some((subscription, slot)),
                     )),
                     Err(error) => {
                         let reason = match error {
@@ -610,6 +625,15 @@ fn announced_replicas(list: &[(SocketAddr, u64)]) -> Vec<AnnouncedReplica> {
             incarnation: *incarnation,
         })
         .collect()
+}
+
+/// Who is calling, as the handlers check it.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The client of its token (`None` with tokens off).
+    pub client: Option<Arc<Client>>,
+    /// What its limits count against.
+    pub key: ClientKey,
 }
 
 /// Ends `stream` with the error `check` returns when the tokens file

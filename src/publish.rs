@@ -48,6 +48,9 @@ pub struct PublishStream {
     draining: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// The stream has ended (after its last response or error).
     done: bool,
+    /// Why the client's side broke (a message that does not decode): the
+    /// last thing the stream says, after every accepted message's answer.
+    broken: Option<Status>,
 }
 
 impl PublishStream {
@@ -77,6 +80,7 @@ impl PublishStream {
             span,
             draining,
             done: false,
+            broken: None,
         }
     }
 
@@ -141,6 +145,7 @@ impl Stream for PublishStream {
                 // The client is gone or sent garbage: finish what it started.
                 Poll::Ready(Some(Err(status))) => {
                     tracing::debug!(%status, "publish stream broke");
+                    this.broken = Some(crate::request_errors::malformed(status));
                     this.requests = None;
                 }
                 Poll::Ready(None) => this.requests = None,
@@ -160,7 +165,7 @@ impl Stream for PublishStream {
         if this.in_flight.is_empty() {
             if this.requests.is_none() {
                 this.done = true;
-                return Poll::Ready(None);
+                return Poll::Ready(this.broken.take().map(Err));
             }
             if this.is_draining() {
                 // Every accepted message is answered; what the client sends

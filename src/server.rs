@@ -19,8 +19,8 @@ use crate::{
     local::LocalDelivery,
     membership::{MembershipConfig, spawn_membership},
     metrics::{Metrics, ReplicaState, StateCollector},
-    oversize::OversizeLayer,
     proto::{self, replica::replicast_server::ReplicastServer},
+    request_errors::RequestErrorsLayer,
     service::{ReplicastService, ServiceConfig},
     telemetry::GrpcTraceLayer,
 };
@@ -223,7 +223,7 @@ pub async fn serve(
     let server = server
         // Outermost first: the trace layer sees the final status.
         .layer(GrpcTraceLayer)
-        .layer(OversizeLayer)
+        .layer(RequestErrorsLayer)
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)

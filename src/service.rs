@@ -425,7 +425,7 @@ impl Replicast for ReplicastService {
                     let frame = match frame {
                         Ok(frame) => frame,
                         Err(status) => {
-                            acks.push(Err(status));
+                            acks.push(Err(crate::request_errors::malformed(status)));
                             break;
                         }
                     };

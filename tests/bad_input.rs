@@ -124,6 +124,19 @@ fn frame(inner: &[u8]) -> Bytes {
     publish(inner)
 }
 
+/// Another client's ack=ALL Broadcast through `addr` succeeds.
+async fn assert_still_serving(addr: std::net::SocketAddr) {
+    client(addr)
+        .await
+        .broadcast(BroadcastRequest {
+            topic: "still.serving".into(),
+            ack: AckPolicy::All as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("the replica still serves other clients");
+}
+
 #[tokio::test]
 async fn every_rpc_answers_malformed_bytes_with_a_clear_status() {
     let cluster = Cluster::start(2, &[]).await;
@@ -313,16 +326,7 @@ async fn every_rpc_answers_malformed_bytes_with_a_clear_status() {
             }
         }
     }
-    // And it still serves.
-    client(addr)
-        .await
-        .broadcast(BroadcastRequest {
-            topic: "still.serving".into(),
-            ack: AckPolicy::All as i32,
-            ..Default::default()
-        })
-        .await
-        .expect("the replica still serves");
+    assert_still_serving(addr).await;
     cluster.shutdown().await;
 }
 
@@ -361,15 +365,7 @@ async fn a_flood_of_streams_and_rapid_resets_leave_others_served() {
         call.abort();
     }
     // Meanwhile another client is served (within the Broadcast's deadline).
-    client(addr)
-        .await
-        .broadcast(BroadcastRequest {
-            topic: "still.serving".into(),
-            ack: AckPolicy::All as i32,
-            ..Default::default()
-        })
-        .await
-        .expect("another client is served during the flood");
+    assert_still_serving(addr).await;
     drop(streams);
     cluster.shutdown().await;
 }

@@ -141,3 +141,32 @@ async fn reflection_v1alpha_works_for_grpcurl_1_8() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn reflection_can_be_turned_off_and_health_stays() {
+    use v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let cluster = Cluster::start(1, &["--reflection", "false"]).await;
+    let channel = Channel::from_shared(format!("http://{}", cluster.addr(0)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let status = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect_err("no reflection service");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    assert_eq!(
+        common::health_status(cluster.addr(0), "").await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+        "health is served whatever the flags"
+    );
+    cluster.shutdown().await;
+}

@@ -51,11 +51,18 @@ struct FakePeer {
     streams: Arc<AtomicUsize>,
     /// Frames seen per message id.
     frames: Arc<Mutex<HashMap<String, usize>>>,
+    /// The metadata keys of every call it got.
+    metadata: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakePeer {
     fn frames_of(&self, id: &str) -> usize {
         self.frames.lock().unwrap().get(id).copied().unwrap_or(0)
+    }
+
+    fn record<T>(&self, request: &Request<T>) {
+        let keys = request.metadata().keys().map(|key| format!("{key:?}"));
+        self.metadata.lock().unwrap().extend(keys);
     }
 }
 
@@ -65,13 +72,18 @@ impl Replicast for FakePeer {
         Err(Status::unimplemented("test peer"))
     }
 
-    async fn deliver(&self, _: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+    async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+        self.record(&request);
         Err(Status::unimplemented("test peer"))
     }
 
     // As a replica from before announcements: the other replica must still
     // become ready and deliver to it.
-    async fn announce(&self, _: Request<AnnounceRequest>) -> Result<Response<AnnounceResponse>, Status> {
+    async fn announce(
+        &self,
+        request: Request<AnnounceRequest>,
+    ) -> Result<Response<AnnounceResponse>, Status> {
+        self.record(&request);
         Err(Status::unimplemented("test peer"))
     }
 
@@ -81,6 +93,7 @@ impl Replicast for FakePeer {
         &self,
         request: Request<Streaming<DeliverFrame>>,
     ) -> Result<Response<Self::DeliverStreamStream>, Status> {
+        self.record(&request);
         let frames = request.into_inner();
         let first_stream = self.streams.fetch_add(1, Ordering::SeqCst) == 0;
         if first_stream && matches!(self.misbehaviour, Misbehaviour::StuckFirstStream) {
@@ -150,14 +163,35 @@ impl Replicast for FakePeer {
 
 /// One real replica (0) and `peer` (1), both in DNS.
 async fn cluster_with(peer: &FakePeer) -> (Cluster, tokio::task::JoinHandle<()>) {
-    let mut cluster = Cluster::start_with(2, 1, &["--peer-timeout", "200ms"]).await;
+    cluster_with_flags(peer, &[]).await
+}
+
+/// The same, the real replica started with `extra` flags too.
+async fn cluster_with_flags(peer: &FakePeer, extra: &[&str]) -> (Cluster, tokio::task::JoinHandle<()>) {
+    let mut flags = vec!["--peer-timeout", "200ms"];
+    flags.extend_from_slice(extra);
+    let mut cluster = Cluster::start_with(2, 1, &flags).await;
     let listener = cluster.hosts.listeners[1].take().unwrap();
     let server = tonic::transport::Server::builder()
         .add_service(ReplicastServer::new(peer.clone()))
         .serve_with_incoming(TcpListenerStream::new(listener));
     let server = tokio::spawn(async move { server.await.expect("fake peer serves") });
     cluster.publish(&[0, 1]).await;
-    wait_peer_count(cluster.addr(0), 2).await;
+    if extra.contains(&"--tokens-file") {
+        // ListPeers needs a token then: wait on the fake peer's link instead.
+        let frames = peer.metadata.clone();
+        eventually(
+            "the replica's link to the fake peer",
+            Duration::from_secs(10),
+            || {
+                let frames = frames.clone();
+                async move { !frames.lock().unwrap().is_empty() }
+            },
+        )
+        .await;
+    } else {
+        wait_peer_count(cluster.addr(0), 2).await;
+    }
     (cluster, server)
 }
 
@@ -222,4 +256,47 @@ async fn an_unavailable_ack_is_retried_not_final() {
     assert_eq!(peer.frames_of("refused-once"), 2, "refused once, then delivered");
     server.abort();
     cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_clients_credentials_are_never_forwarded_to_peers() {
+    let tokens = std::env::temp_dir().join(format!("replicast-forward-{}.txt", std::process::id()));
+    let line = replicast::auth::digest_line("app", "app-secret");
+    let line = format!(
+        "{} publish=* subscribe=*\n",
+        line.split(" publish=").next().unwrap()
+    );
+    std::fs::write(&tokens, line).unwrap();
+    let path = tokens.display().to_string();
+    let peer = FakePeer {
+        misbehaviour: Misbehaviour::RefuseFirstTry,
+        ..FakePeer::default()
+    };
+    let (cluster, server) = cluster_with_flags(&peer, &["--tokens-file", &path]).await;
+    let mut request = Request::new(broadcast_all("with-credentials"));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer app-secret".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-app-header", "private".parse().unwrap());
+    let response = cluster
+        .client(0)
+        .await
+        .broadcast(request)
+        .await
+        .expect("the client may publish")
+        .into_inner();
+    assert_eq!((response.replicas, response.acked), (2, 2), "{response:?}");
+    let seen = peer.metadata.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the peer saw the replica's calls");
+    assert!(
+        !seen
+            .iter()
+            .any(|key| key.contains("authorization") || key.contains("x-app-header")),
+        "a client's metadata reached the peer: {seen:?}"
+    );
+    server.abort();
+    cluster.shutdown().await;
+    let _ = std::fs::remove_file(tokens);
 }

@@ -3,6 +3,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -12,6 +13,7 @@ use crate::{
     lifecycle::ShutdownPlan,
     limits::LimitsConfig,
     local::LocalLimits,
+    tls::{ClientCerts, TlsSource, WorkloadIdentity},
 };
 
 /// Largest `--max-message-bytes` accepted.
@@ -207,6 +209,65 @@ pub struct ServeArgs {
     /// Serve gRPC server reflection (v1 and v1alpha, for grpcurl).
     #[arg(long, env = "REPLICAST_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
+
+    #[command(flatten)]
+    pub tls: TlsFlags,
+
+    /// With TLS on: whether clients (not peers) must present a certificate
+    /// from the CA. Peer RPCs always need one holding --tls-identity.
+    #[arg(
+        long,
+        env = "REPLICAST_TLS_CLIENT_CERTS",
+        value_enum,
+        default_value = "optional"
+    )]
+    pub tls_client_certs: ClientCerts,
+
+    /// With TLS on: how often the TLS files are re-read in case a change
+    /// went unnoticed (they are also watched, and reloaded on SIGHUP).
+    #[arg(long, env = "REPLICAST_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Duration,
+
+    /// With TLS on: the longest an incoming TLS handshake may take.
+    #[arg(long, env = "REPLICAST_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+}
+
+/// The TLS files and the workload identity, for `serve` and the client
+/// commands alike (the same flags and environment variables).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsFlags {
+    /// Certificate chain (PEM, leaf first) this process presents. For a
+    /// replica it must hold --tls-identity and the server and client auth
+    /// usages; for a client command it is optional. Setting the TLS flags
+    /// turns TLS on: every connection to the port is then TLS.
+    #[arg(long, env = "REPLICAST_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "REPLICAST_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA bundle (PEM) that peer (and client) certificates must chain to.
+    /// During a CA rotation it holds the old and the new CA.
+    #[arg(long, env = "REPLICAST_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The workload identity every replica's certificate holds: a URI SAN
+    /// (spiffe://cluster.local/ns/<ns>/sa/<sa>) or a DNS SAN (the headless
+    /// Service's name). Peers are checked against it, not against their IP.
+    #[arg(long, env = "REPLICAST_TLS_IDENTITY")]
+    pub tls_identity: Option<WorkloadIdentity>,
+}
+
+impl TlsFlags {
+    /// Whether any TLS flag is set.
+    pub fn any(&self) -> bool {
+        self.tls_cert.is_some()
+            || self.tls_key.is_some()
+            || self.tls_ca.is_some()
+            || self.tls_identity.is_some()
+    }
 }
 
 /// `host:port`, or `:port` for every interface.
@@ -255,6 +316,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The HTTP/2 server's limits.
     pub http2: Http2Limits,
+    /// mTLS (None: plaintext).
+    pub tls: Option<TlsSource>,
 }
 
 /// The HTTP/2 settings that bound what one connection can do.
@@ -275,6 +338,42 @@ pub struct ConfigError {
     pub flag: &'static str,
     pub value: String,
     pub reason: &'static str,
+}
+
+/// The replica's TLS source from its flags: all four or none.
+fn tls_source(args: &ServeArgs) -> Result<Option<TlsSource>, ConfigError> {
+    let flags = &args.tls;
+    if !flags.any() {
+        return Ok(None);
+    }
+    let missing = |flag| ConfigError {
+        flag,
+        value: "(unset)".to_owned(),
+        reason: "TLS needs all four of --tls-cert, --tls-key, --tls-ca and --tls-identity",
+    };
+    let within = |flag, d: Duration| {
+        if d < Duration::from_millis(100) || d > MAX_TIMEOUT {
+            Err(ConfigError {
+                flag,
+                value: humantime::format_duration(d).to_string(),
+                reason: "must be between 100ms and 1h",
+            })
+        } else {
+            Ok(d)
+        }
+    };
+    Ok(Some(TlsSource {
+        cert: flags.tls_cert.clone().ok_or_else(|| missing("tls-cert"))?,
+        key: flags.tls_key.clone().ok_or_else(|| missing("tls-key"))?,
+        ca: flags.tls_ca.clone().ok_or_else(|| missing("tls-ca"))?,
+        identity: flags
+            .tls_identity
+            .clone()
+            .ok_or_else(|| missing("tls-identity"))?,
+        client_certs: args.tls_client_certs,
+        poll_interval: within("tls-reload-interval", args.tls_reload_interval)?,
+        handshake_timeout: within("tls-handshake-timeout", args.tls_handshake_timeout)?,
+    }))
 }
 
 impl Config {
@@ -370,6 +469,7 @@ impl TryFrom<ServeArgs> for Config {
             return Err(err("dedup-capacity", &0, "must be at least 1"));
         }
 
+        let tls = tls_source(&args)?;
         let advertise = args
             .advertise
             .or_else(|| args.pod_ip.map(|ip| SocketAddr::new(ip, args.listen.port())))
@@ -440,6 +540,7 @@ impl TryFrom<ServeArgs> for Config {
                 keepalive_timeout: args.http2_keepalive_timeout,
                 max_connection_age: args.max_connection_age,
             },
+            tls,
             metrics_listen: args.metrics_listen,
             redelivery_window: args.redelivery_window,
             redelivery_max_bytes: args.redelivery_max_bytes,
@@ -511,5 +612,30 @@ mod tests {
             ServeArgs::try_parse_from(["serve", "--peers-dns", "a", "--static-peers", "127.0.0.1:1"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn tls_needs_all_four_flags_and_a_valid_identity() {
+        assert!(parse(&[]).unwrap().tls.is_none());
+        let e = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"]).unwrap_err();
+        assert_eq!(e.flag, "tls-identity");
+        let c = parse(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-identity",
+            "spiffe://cluster.local/ns/a/sa/b",
+        ])
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            tls.identity,
+            WorkloadIdentity::Uri("spiffe://cluster.local/ns/a/sa/b".into())
+        );
+        assert_eq!(tls.client_certs, ClientCerts::Optional);
+        assert!(ServeArgs::try_parse_from(["serve", "--tls-identity", "not a name"]).is_err());
     }
 }

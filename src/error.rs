@@ -83,6 +83,10 @@ pub enum Error {
     #[error("{0}")]
     Unauthenticated(#[from] crate::auth::AuthError),
 
+    /// A peer RPC from a caller without the workload identity.
+    #[error("{0}")]
+    NotAPeer(#[from] crate::tls::PeerRefusal),
+
     #[error("limit {flag}: {detail}")]
     LimitReached { flag: &'static str, detail: String },
 
@@ -126,6 +130,8 @@ impl Error {
             Error::LimitReached { .. } => Code::ResourceExhausted,
             Error::DeadlineTooLong { .. } => Code::InvalidArgument,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
+            Error::NotAPeer(crate::tls::PeerRefusal::NoCertificate { .. }) => Code::Unauthenticated,
+            Error::NotAPeer(crate::tls::PeerRefusal::WrongIdentity { .. }) => Code::PermissionDenied,
             Error::Announce(e) => {
                 use crate::membership::AnnounceError;
                 match e {

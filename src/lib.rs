@@ -37,5 +37,6 @@ pub mod request_errors;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;
 pub mod wire;

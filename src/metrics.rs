@@ -106,11 +106,21 @@ pub struct AnnouncementLabels {
     pub result: &'static str,
 }
 
-/// Labels of a tokens-file reload.
+/// Labels of a reload of the tokens file or the TLS files.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
-    /// loaded, rejected (did not parse; the previous file stays), unreadable.
+    /// loaded, rejected (failed its checks; the previous set stays),
+    /// unreadable.
     pub result: &'static str,
+}
+
+/// Labels of an incoming TLS handshake that failed.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeFailureLabels {
+    /// not_tls (a plaintext client), client_certificate (refused: another
+    /// CA, expired), alert (the client refused ours), no_h2, timeout, tls,
+    /// io.
+    pub reason: &'static str,
 }
 
 /// Labels of a call refused for its credentials.
@@ -158,6 +168,8 @@ pub struct Metrics {
     pub membership: MembershipMetrics,
     pub token_reloads: Family<ReloadLabels, Counter>,
     pub auth_refusals: Family<AuthRefusalLabels, Counter>,
+    /// Set when TLS is on (its series are registered only then).
+    pub tls: Option<crate::tls::TlsMetrics>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -180,6 +192,7 @@ impl Default for Metrics {
             membership: MembershipMetrics::default(),
             token_reloads: Family::default(),
             auth_refusals: Family::default(),
+            tls: None,
         }
     }
 }
@@ -272,6 +285,28 @@ impl Metrics {
             "Calls refused for their credentials (unauthenticated) or their topics (permission_denied)",
             self.auth_refusals.clone(),
         );
+        if let Some(tls) = &self.tls {
+            registry.register(
+                "replicast_tls_reloads",
+                "Changes of the TLS files seen, by result (loaded, rejected: the current certificates stay, unreadable)",
+                tls.reloads.clone(),
+            );
+            registry.register(
+                "replicast_tls_certificate_expiry_timestamp_seconds",
+                "When the certificate this replica presents expires (Unix time)",
+                tls.cert_expiry.clone(),
+            );
+            registry.register(
+                "replicast_tls_ca_expiry_timestamp_seconds",
+                "When the first CA of the trusted bundle expires (Unix time)",
+                tls.ca_expiry.clone(),
+            );
+            registry.register(
+                "replicast_tls_handshake_failures",
+                "Incoming TLS handshakes that failed, by reason",
+                tls.handshake_failures.clone(),
+            );
+        }
         registry.register_collector(Box::new(replica));
         registry
     }

@@ -3,6 +3,8 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use futures::future::BoxFuture;
+
 use tokio::{net::TcpListener, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, server::TcpIncoming};
@@ -23,6 +25,7 @@ use crate::{
     request_errors::RequestErrorsLayer,
     service::{ReplicastService, ServiceConfig},
     telemetry::GrpcTraceLayer,
+    tls::{Dialer, TlsLoadError, TlsMetrics, spawn_acceptor, spawn_tls_reload},
 };
 
 /// Why a replica could not serve.
@@ -36,6 +39,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Tokens(#[from] TokensLoadError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsLoadError),
     #[error("cannot listen for metrics on {addr} (--metrics-listen): {source}")]
     MetricsListen {
         addr: SocketAddr,
@@ -64,8 +69,26 @@ pub async fn serve(
         ),
         None => None,
     };
-    let metrics = Metrics::default();
+    let mut metrics = Metrics::default();
+    if config.tls.is_some() {
+        metrics.tls = Some(TlsMetrics::default());
+    }
     let (phase_tx, phase) = lifecycle();
+    // Loaded before anything starts: bad material fails start-up. The
+    // reload task ends at Closing.
+    let tls = match (config.tls.clone(), metrics.tls.clone()) {
+        (Some(source), Some(tls_metrics)) => {
+            let identity = source.identity.clone();
+            let handshake_timeout = source.handshake_timeout;
+            let (configs, reload) = spawn_tls_reload(source, tls_metrics, phase.clone()).await?;
+            Some((configs, identity, handshake_timeout, reload))
+        }
+        _ => None,
+    };
+    let dialer = match &tls {
+        Some((configs, ..)) => Dialer::Tls(configs.client.clone()),
+        None => Dialer::Plain,
+    };
     // Loaded before anything starts: a bad file fails start-up. The reload
     // task ends at Closing.
     let tokens = match config.tokens.clone() {
@@ -94,9 +117,15 @@ pub async fn serve(
     };
     let budget = BacklogBudget::new(config.redelivery_max_bytes);
     let connect: Connect = {
-        let (budget, metrics) = (budget.clone(), metrics.clone());
+        let (budget, metrics, dialer) = (budget.clone(), metrics.clone(), dialer.clone());
         Box::new(move |peer| {
-            Arc::new(PeerLink::spawn(peer, link_config, budget.clone(), &metrics)) as Arc<dyn Link>
+            Arc::new(PeerLink::spawn(
+                peer,
+                link_config,
+                &dialer,
+                budget.clone(),
+                &metrics,
+            )) as Arc<dyn Link>
         })
     };
     let fanout = Arc::new(FanOut::new(
@@ -118,6 +147,7 @@ pub async fn serve(
             max_announced: config.max_announced_peers,
             // A peer that does not answer holds readiness up by this much.
             call_timeout: config.peer_timeout.min(ANNOUNCE_TIMEOUT),
+            dialer,
         },
         discovery.subscribe(),
         fanout.clone(),
@@ -149,6 +179,7 @@ pub async fn serve(
             max_message_bytes: config.max_message_bytes,
             publish_window: config.publish_window,
             phase: phase.clone(),
+            peer_identity: tls.as_ref().map(|(_, identity, ..)| identity.clone()),
         },
         local.clone(),
         fanout.clone(),
@@ -199,6 +230,20 @@ pub async fn serve(
         shutdown = %plan,
         "replica serving"
     );
+    match &tls {
+        Some((configs, identity, ..)) => info!(
+            %identity,
+            expires = %humantime::format_rfc3339_seconds(configs.cert_not_after),
+            client_certs = ?config.tls.as_ref().map(|t| t.client_certs),
+            "mTLS ON: every connection to the port is TLS; peer RPCs need the workload identity; \
+             certificates reload on change and SIGHUP"
+        ),
+        None => warn!(
+            listen = ?local_addr,
+            "TLS OFF: plaintext; anyone who reaches the port can call the peer RPCs (Deliver, Announce). \
+             Set --tls-cert, --tls-key, --tls-ca and --tls-identity outside a trusted network"
+        ),
+    }
     if config.advertise.ip().is_unspecified() {
         warn!(
             advertise = %config.advertise,
@@ -220,23 +265,43 @@ pub async fn serve(
             .max_connection_age(http2.max_connection_age)
             .max_connection_age_grace(plan.close);
     }
-    let server = server
+    let router = server
         // Outermost first: the trace layer sees the final status.
         .layer(GrpcTraceLayer)
         .layer(RequestErrorsLayer)
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
-        .add_service(replicast)
-        .serve_with_incoming_shutdown(
-            // Server::tcp_nodelay only applies to listeners tonic binds itself.
-            // Without TCP_NODELAY, small acks meet Nagle and delayed ACK: a
-            // 40 ms stall per message.
-            TcpIncoming::from(listener)
+        .add_service(replicast);
+    let (server, acceptor): (BoxFuture<'static, Result<(), tonic::transport::Error>>, _) = match &tls {
+        Some((configs, _, handshake_timeout, _)) => {
+            let failures = metrics
+                .tls
+                .as_ref()
+                .map(|t| t.handshake_failures.clone())
+                .unwrap_or_default();
+            // Stops accepting at Closing, as tonic's own listener would.
+            let (incoming, acceptor) = spawn_acceptor(
+                listener,
+                configs.server.clone(),
+                *handshake_timeout,
+                failures,
+                phase.reached(Phase::Closing),
+            );
+            let serve = router.serve_with_incoming_shutdown(incoming, phase.reached(Phase::Closing));
+            (Box::pin(serve), Some(acceptor))
+        }
+        None => {
+            // Server::tcp_nodelay only applies to listeners tonic binds
+            // itself. Without TCP_NODELAY, small acks meet Nagle and
+            // delayed ACK: a 40 ms stall per message.
+            let incoming = TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
-            phase.reached(Phase::Closing),
-        );
+                .with_keepalive(Some(Duration::from_secs(60)));
+            let serve = router.serve_with_incoming_shutdown(incoming, phase.reached(Phase::Closing));
+            (Box::pin(serve), None)
+        }
+    };
 
     // The server is polled throughout: peers still connect while this
     // replica drains (deliveries, and the probes that check its leave).
@@ -281,6 +346,13 @@ pub async fn serve(
     // backlogs hold is given up and counted.
     fanout.shutdown(deadline).await;
     membership.stopped().await;
+    // Both end at Closing; awaited so nothing outlives the replica.
+    if let Some((_, _, _, reload)) = tls {
+        let _ = tokio::time::timeout_at(deadline, reload).await;
+    }
+    if let Some(acceptor) = acceptor {
+        let _ = tokio::time::timeout_at(deadline, acceptor).await;
+    }
     if let Some(endpoint) = metrics_endpoint {
         // Ends with Closing, but a scraper that stops reading could hold it.
         if tokio::time::timeout_at(deadline, endpoint).await.is_err() {

@@ -35,6 +35,7 @@ use crate::{
         self, propagation,
         spans::{self, SendSpan, Side},
     },
+    tls::{self, WorkloadIdentity},
     validate::{self, ValidationError},
     wire::{EncodedDelivery, EncodedMessage, InboundFrame},
 };
@@ -66,6 +67,8 @@ pub struct ServiceConfig {
     /// probes answer "not serving". Closing: DeliverStreams end, and local
     /// delivery closes (which ends Subscribe streams once flushed).
     pub phase: PhaseRx,
+    /// With mTLS on, the identity callers of peer RPCs must hold.
+    pub peer_identity: Option<WorkloadIdentity>,
 }
 
 /// Everything the RPC handlers need, shared by all connections (cheap to
@@ -123,6 +126,23 @@ impl ReplicastService {
         self.tokens.authenticate(request.metadata()).map_err(|error| {
             self.count_refusal("unauthenticated");
             Error::from(error)
+        })
+    }
+
+    /// Refuses a peer RPC (`rpc`) from a caller whose client certificate
+    /// does not hold the workload identity (with mTLS on).
+    pub(crate) fn check_peer<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<(), Error> {
+        let Some(identity) = &self.config.peer_identity else {
+            return Ok(());
+        };
+        let certs = request.peer_certs();
+        let end_entity = certs.as_ref().and_then(|certs| certs.first()).map(|c| c.as_ref());
+        tls::check_peer(identity, rpc, end_entity).map_err(|refusal| {
+            self.count_refusal(match refusal {
+                tls::PeerRefusal::NoCertificate { .. } => "unauthenticated",
+                tls::PeerRefusal::WrongIdentity { .. } => "permission_denied",
+            });
+            Error::from(refusal)
         })
     }
 
@@ -383,6 +403,7 @@ impl Replicast for ReplicastService {
     }
 
     async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+        self.check_peer("Deliver", &request)?;
         let parent = spans::current_is_sampled().then(|| {
             use tracing_opentelemetry::OpenTelemetrySpanExt as _;
             tracing::Span::current().context()
@@ -410,6 +431,7 @@ impl Replicast for ReplicastService {
         &self,
         request: Request<Streaming<InboundFrame>>,
     ) -> Result<Response<Self::DeliverStreamStream>, Status> {
+        self.check_peer("DeliverStream", &request)?;
         let batch_acks = request.metadata().get(BATCH_ACKS).is_some_and(|v| v == "1");
         let service = self.clone();
         // The frames tonic has decoded are taken together (never waiting for
@@ -580,6 +602,7 @@ impl Replicast for ReplicastService {
         &self,
         request: Request<AnnounceRequest>,
     ) -> Result<Response<AnnounceResponse>, Status> {
+        self.check_peer("Announce", &request)?;
         let request = request.into_inner();
         let kind = Kind::try_from(request.kind).unwrap_or(Kind::Unspecified);
         if kind != Kind::Identify {

@@ -2,59 +2,8 @@
 
 mod common;
 
-use std::{collections::HashMap, net::SocketAddr, time::Duration};
-
-use common::{Cluster, subscribe};
+use common::{Cluster, free_port_on, samples, scrape, subscribe};
 use replicast::proto::v1::{AckPolicy, BroadcastRequest};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
-
-/// GET /metrics with a plain HTTP/1.0 request; returns the body.
-async fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("metrics endpoint accepts");
-    stream
-        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .expect("a response within 5 s")
-        .unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    assert!(
-        head.to_lowercase()
-            .contains("content-type: application/openmetrics-text"),
-        "{head}"
-    );
-    body.to_owned()
-}
-
-/// Sample values by their full name with labels, e.g.
-/// `replicast_broadcasts_total{outcome="ok",ack="all"}`.
-fn samples(body: &str) -> HashMap<String, f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
-async fn free_port_on(ip: std::net::IpAddr) -> SocketAddr {
-    TcpListener::bind(SocketAddr::new(ip, 0))
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 #[tokio::test]
 async fn counters_move_with_traffic() {

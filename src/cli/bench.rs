@@ -21,7 +21,9 @@ use tokio::{
     sync::{mpsc, oneshot},
     task::JoinSet,
 };
-use tonic::{Request, transport::Endpoint};
+use tonic::Request;
+
+use crate::tls::Dialer;
 
 use super::{CliError, client::AckArg, connect};
 use crate::proto::v1::{
@@ -37,6 +39,8 @@ pub struct BenchArgs {
     /// Replica to send Broadcasts to.
     #[arg(long, env = "REPLICAST_TO", default_value = "127.0.0.1:7420")]
     pub to: String,
+    #[command(flatten)]
+    pub tls: crate::config::TlsFlags,
     /// Broadcasts in flight; one table row each (1 = sequential latency).
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     pub in_flight: Vec<usize>,
@@ -369,10 +373,11 @@ async fn run_row(
 
 /// grpc.health.v1 Check latencies between `from` and `until`.
 async fn probe_health(to: String, from: Instant, until: Instant) -> Vec<Duration> {
-    let Ok(channel) = Endpoint::from_shared(format!("http://{to}")) else {
+    let dialer = super::DIALER.get().cloned().unwrap_or_default();
+    let Ok(endpoint) = Dialer::endpoint(&to) else {
         return Vec::new();
     };
-    let Ok(channel) = channel.connect().await else {
+    let Ok(channel) = dialer.connect(endpoint).await else {
         return Vec::new();
     };
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);

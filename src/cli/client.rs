@@ -20,6 +20,8 @@ pub struct SendArgs {
     /// Replica to call (host:port).
     #[arg(long, env = "REPLICAST_TO", default_value = "127.0.0.1:7420")]
     pub to: String,
+    #[command(flatten)]
+    pub tls: crate::config::TlsFlags,
     /// Topic of the message.
     #[arg(long)]
     pub topic: String,
@@ -240,6 +242,8 @@ pub struct SubscribeArgs {
     /// Replica to subscribe to (host:port).
     #[arg(long, env = "REPLICAST_TO", default_value = "127.0.0.1:7420")]
     pub to: String,
+    #[command(flatten)]
+    pub tls: crate::config::TlsFlags,
     /// Topic or `prefix*` (repeatable; none = all).
     #[arg(long = "topic")]
     pub topics: Vec<String>,
@@ -321,6 +325,8 @@ pub struct PeersArgs {
     /// Replica to ask (host:port).
     #[arg(long, env = "REPLICAST_TO", default_value = "127.0.0.1:7420")]
     pub to: String,
+    #[command(flatten)]
+    pub tls: crate::config::TlsFlags,
 }
 
 /// Prints the replica's peer view.

@@ -8,17 +8,15 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
-use tonic::{
-    service::interceptor::InterceptedService,
-    transport::{Channel, Endpoint},
-};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 use crate::{
-    config::{Config, ServeArgs},
+    config::{Config, ServeArgs, TlsFlags},
     error::error_chain,
     proto::v1::replicast_client::ReplicastClient,
     server,
     telemetry::{self, LogFormat, TelemetryArgs},
+    tls::{Dialer, cli_client_config},
 };
 
 pub use self::{
@@ -147,6 +145,11 @@ impl Cli {
                 CREDENTIALS
                     .set(credentials)
                     .map_err(|_| "credentials are set once per process")?;
+                if let Some(flags) = command.tls_flags() {
+                    DIALER
+                        .set(client_dialer(flags)?)
+                        .map_err(|_| "the TLS settings are set once per process")?;
+                }
                 command.run_client().await
             }
         }
@@ -154,6 +157,17 @@ impl Cli {
 }
 
 impl Command {
+    /// The TLS flags of a client command.
+    fn tls_flags(&self) -> Option<&TlsFlags> {
+        match self {
+            Command::Send(args) => Some(&args.tls),
+            Command::Subscribe(args) => Some(&args.tls),
+            Command::Peers(args) => Some(&args.tls),
+            Command::Bench(args) => Some(&args.tls),
+            _ => None,
+        }
+    }
+
     async fn run_client(self) -> Result<ExitCode, CliError> {
         match self {
             Command::Serve { .. } | Command::DevCluster { .. } => unreachable!("servers are run by Cli::run"),
@@ -257,6 +271,36 @@ impl StopSignals {
 
 /// The token the client commands send, set once from `--token`.
 static CREDENTIALS: std::sync::OnceLock<Credentials> = std::sync::OnceLock::new();
+/// How the client commands connect, from their TLS flags.
+static DIALER: std::sync::OnceLock<Dialer> = std::sync::OnceLock::new();
+
+/// The client side of the TLS flags: --tls-ca and --tls-identity turn TLS
+/// on (the server must hold the identity); --tls-cert and --tls-key add a
+/// client certificate.
+fn client_dialer(flags: &TlsFlags) -> Result<Dialer, CliError> {
+    if !flags.any() {
+        return Ok(Dialer::Plain);
+    }
+    let (Some(ca), Some(identity)) = (&flags.tls_ca, &flags.tls_identity) else {
+        return Err(
+            "TLS needs --tls-ca and --tls-identity (the identity the replica's certificate holds)".into(),
+        );
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|e| CliError::from(format!("cannot read {}: {e}", path.display())))
+    };
+    let own = match (&flags.tls_cert, &flags.tls_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    };
+    let config = cli_client_config(
+        &read(ca)?,
+        identity,
+        own.as_ref().map(|(cert, key)| (cert.as_slice(), key.as_slice())),
+    )?;
+    Ok(Dialer::fixed(config))
+}
 
 /// Adds `authorization: Bearer <token>` to every call, when there is a token.
 #[derive(Debug, Clone, Default)]
@@ -289,16 +333,14 @@ pub type Client = ReplicastClient<InterceptedService<Channel, Credentials>>;
 
 /// Connects a client to `addr` (`host:port` or a URL).
 pub async fn connect(addr: &str) -> Result<Client, CliError> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = Endpoint::from_shared(url.clone())
+    let dialer = DIALER.get().cloned().unwrap_or_default();
+    // A URL's scheme says nothing the TLS flags do not.
+    let authority = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    let endpoint = Dialer::endpoint(authority)
         .map_err(|e| format!("bad address {addr}: {e}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect()
+        .connect_timeout(Duration::from_secs(3));
+    let channel = dialer
+        .connect(endpoint)
         .await
         .map_err(|e| format!("cannot connect to {addr}: {}", error_chain(&e)))?;
     let credentials = CREDENTIALS.get().cloned().unwrap_or_default();

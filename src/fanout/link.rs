@@ -37,11 +37,7 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::time::{DelayQueue, delay_queue};
-use tonic::{
-    Code, Status,
-    codegen::http::uri::PathAndQuery,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Status, codegen::http::uri::PathAndQuery, transport::Channel};
 use tracing::{Instrument, debug, info, warn};
 
 use super::{
@@ -53,6 +49,7 @@ use crate::{
     metrics::{HopLabels, Metrics, PeerLabels, RedeliveryLabels},
     proto::v1::DeliverAck,
     telemetry::spans,
+    tls::Dialer,
     wire::{EncodedMessage, OutboundFrame},
 };
 
@@ -225,11 +222,10 @@ pub struct GrpcTransport {
 
 impl GrpcTransport {
     /// A lazily connecting channel to `addr`.
-    pub fn new(addr: SocketAddr, config: &LinkConfig) -> Self {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+    pub fn new(addr: SocketAddr, config: &LinkConfig, dialer: &Dialer) -> Self {
+        let endpoint = Dialer::endpoint(addr)
             .expect("a socket address is a valid URI authority")
             .connect_timeout(config.peer_timeout)
-            .tcp_nodelay(true)
             // Notice within seconds a peer that vanished without closing the
             // connection (frozen, partitioned): the connection is dropped and
             // the next hop reconnects. Otherwise the old connection lingers in
@@ -238,7 +234,7 @@ impl GrpcTransport {
             .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE)
             .keep_alive_while_idle(true);
-        let grpc = tonic::client::Grpc::new(endpoint.connect_lazy())
+        let grpc = tonic::client::Grpc::new(dialer.connect_lazy(endpoint))
             .max_decoding_message_size(config.max_frame_bytes)
             .max_encoding_message_size(config.max_frame_bytes);
         Self { grpc }
@@ -292,10 +288,17 @@ impl PeerLink {
     pub fn spawn(
         addr: SocketAddr,
         config: LinkConfig,
+        dialer: &Dialer,
         budget: Arc<BacklogBudget>,
         metrics: &Metrics,
     ) -> Self {
-        Self::spawn_with(addr, GrpcTransport::new(addr, &config), config, budget, metrics)
+        Self::spawn_with(
+            addr,
+            GrpcTransport::new(addr, &config, dialer),
+            config,
+            budget,
+            metrics,
+        )
     }
 
     /// Starts the link to `addr` over `transport`.

@@ -6,7 +6,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use tonic::transport::Endpoint;
+use crate::tls::Dialer;
 
 use crate::proto::v1::{
     AnnounceRequest, AnnounceResponse, AnnouncedReplica, announce_request::Kind,
@@ -40,6 +40,7 @@ pub enum CallError {
 
 /// Sends one Announce request to `peer` and waits at most `timeout`.
 pub async fn announce(
+    dialer: &Dialer,
     peer: SocketAddr,
     kind: Kind,
     self_addr: SocketAddr,
@@ -47,13 +48,10 @@ pub async fn announce(
     timeout: Duration,
 ) -> Result<Answer, CallError> {
     let call = async {
-        let channel = Endpoint::from_shared(format!("http://{peer}"))
+        let endpoint = Dialer::endpoint(peer)
             .map_err(CallError::Connect)?
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(CallError::Connect)?;
+            .connect_timeout(timeout);
+        let channel = dialer.connect(endpoint).await.map_err(CallError::Connect)?;
         let mut request = tonic::Request::new(AnnounceRequest {
             kind: kind as i32,
             address: self_addr.to_string(),

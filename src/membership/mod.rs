@@ -38,10 +38,11 @@ use crate::{
     lifecycle::{Phase, PhaseRx},
     metrics::MembershipMetrics,
     proto::{self, v1::announce_request::Kind},
+    tls::Dialer,
 };
 
 /// Membership settings, from the configuration.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MembershipConfig {
     pub self_addr: SocketAddr,
     pub incarnation: u64,
@@ -51,6 +52,8 @@ pub struct MembershipConfig {
     pub max_announced: usize,
     /// Bound on each Announce call this replica makes.
     pub call_timeout: Duration,
+    /// How Announce calls connect (TLS or not).
+    pub dialer: Dialer,
 }
 
 /// Why an announcement was not taken; [`crate::error`] maps it to a status.
@@ -456,13 +459,14 @@ impl MembershipTask {
         if gates {
             self.gating += 1;
         }
-        let (self_addr, incarnation, timeout) = (
+        let (self_addr, incarnation, timeout, dialer) = (
             self.config.self_addr,
             self.config.incarnation,
             self.config.call_timeout,
+            self.config.dialer.clone(),
         );
         self.calls.spawn(async move {
-            let answer = announce(peer, kind, self_addr, incarnation, timeout).await;
+            let answer = announce(&dialer, peer, kind, self_addr, incarnation, timeout).await;
             Called {
                 peer,
                 kind,
@@ -583,13 +587,14 @@ impl MembershipTask {
         if gates {
             self.gating += 1;
         }
-        let (self_addr, own, timeout) = (
+        let (self_addr, own, timeout, dialer) = (
             self.config.self_addr,
             self.config.incarnation,
             self.config.call_timeout,
+            self.config.dialer.clone(),
         );
         self.probes.spawn(async move {
-            let answer = announce(peer, Kind::Identify, self_addr, own, timeout).await;
+            let answer = announce(&dialer, peer, Kind::Identify, self_addr, own, timeout).await;
             Probed {
                 peer,
                 incarnation,

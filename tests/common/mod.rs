@@ -3,6 +3,8 @@
 //! in-process DNS server that serves the headless name.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod certs;
+
 use std::{
     future::Future,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -18,7 +20,10 @@ use replicast::{
     proto::v1::{Delivery, ListPeersRequest, SubscribeRequest, replicast_client::ReplicastClient},
     server::ServerHandle,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
 use tonic::{Streaming, transport::Channel};
 
 pub const ZONE: &str = "replicast.test.";
@@ -296,4 +301,51 @@ impl Drop for HungPeer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// GET /metrics with a plain HTTP/1.0 request; returns the body.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint accepts");
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .expect("a response within 5 s")
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// Sample values by their full name with labels, e.g.
+/// `replicast_broadcasts_total{outcome="ok",ack="all"}`.
+pub fn samples(body: &str) -> std::collections::HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+pub async fn free_port_on(ip: IpAddr) -> SocketAddr {
+    TcpListener::bind(SocketAddr::new(ip, 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }

@@ -78,15 +78,13 @@ pub async fn serve(
     // reload task ends at Closing.
     let tls = match (config.tls.clone(), metrics.tls.clone()) {
         (Some(source), Some(tls_metrics)) => {
-            let identity = source.identity.clone();
-            let handshake_timeout = source.handshake_timeout;
-            let (configs, reload) = spawn_tls_reload(source, tls_metrics, phase.clone()).await?;
-            Some((configs, identity, handshake_timeout, reload))
+            let (configs, reload) = spawn_tls_reload(source.clone(), tls_metrics, phase.clone()).await?;
+            Some((source, configs, reload))
         }
         _ => None,
     };
     let dialer = match &tls {
-        Some((configs, ..)) => Dialer::Tls(configs.client.clone()),
+        Some((_, configs, _)) => Dialer::Tls(configs.client.clone()),
         None => Dialer::Plain,
     };
     // Loaded before anything starts: a bad file fails start-up. The reload
@@ -179,7 +177,7 @@ pub async fn serve(
             max_message_bytes: config.max_message_bytes,
             publish_window: config.publish_window,
             phase: phase.clone(),
-            peer_identity: tls.as_ref().map(|(_, identity, ..)| identity.clone()),
+            peer_identity: tls.as_ref().map(|(source, ..)| source.identity.clone()),
         },
         local.clone(),
         fanout.clone(),
@@ -231,10 +229,10 @@ pub async fn serve(
         "replica serving"
     );
     match &tls {
-        Some((configs, identity, ..)) => info!(
-            %identity,
+        Some((source, configs, _)) => info!(
+            identity = %source.identity,
             expires = %humantime::format_rfc3339_seconds(configs.cert_not_after),
-            client_certs = ?config.tls.as_ref().map(|t| t.client_certs),
+            client_certs = ?source.client_certs,
             "mTLS ON: every connection to the port is TLS; peer RPCs need the workload identity; \
              certificates reload on change and SIGHUP"
         ),
@@ -274,7 +272,7 @@ pub async fn serve(
         .add_optional_service(reflection_v1alpha)
         .add_service(replicast);
     let (server, acceptor): (BoxFuture<'static, Result<(), tonic::transport::Error>>, _) = match &tls {
-        Some((configs, _, handshake_timeout, _)) => {
+        Some((source, configs, _)) => {
             let failures = metrics
                 .tls
                 .as_ref()
@@ -284,7 +282,7 @@ pub async fn serve(
             let (incoming, acceptor) = spawn_acceptor(
                 listener,
                 configs.server.clone(),
-                *handshake_timeout,
+                source.handshake_timeout,
                 failures,
                 phase.reached(Phase::Closing),
             );
@@ -347,7 +345,7 @@ pub async fn serve(
     fanout.shutdown(deadline).await;
     membership.stopped().await;
     // Both end at Closing; awaited so nothing outlives the replica.
-    if let Some((_, _, _, reload)) = tls {
+    if let Some((_, _, reload)) = tls {
         let _ = tokio::time::timeout_at(deadline, reload).await;
     }
     if let Some(acceptor) = acceptor {

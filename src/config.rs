@@ -128,6 +128,12 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_METRICS_LISTEN", value_parser = parse_listen)]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Also serve grpc.health.v1 alone, in plaintext, on ADDR (e.g. :7421).
+    /// For kubelet gRPC probes when TLS is on: they cannot speak TLS. The
+    /// same status as on the main port; nothing else is served there.
+    #[arg(long, env = "REPLICAST_HEALTH_LISTEN", value_parser = parse_listen)]
+    pub health_listen: Option<SocketAddr>,
+
     /// On shutdown, how long the replica drains before it closes: health
     /// NOT_SERVING and Broadcast refused, while it still accepts deliveries
     /// from peers (whose DNS may still list it) and serves Subscribe.
@@ -296,6 +302,8 @@ pub struct Config {
     pub publish_window: usize,
     pub local: LocalLimits,
     pub metrics_listen: Option<SocketAddr>,
+    /// See `--health-listen`.
+    pub health_listen: Option<SocketAddr>,
     /// How long a missed message is retried (zero: off).
     pub redelivery_window: Duration,
     /// Bytes of missed messages held at most, all peers together.
@@ -542,6 +550,7 @@ impl TryFrom<ServeArgs> for Config {
             },
             tls,
             metrics_listen: args.metrics_listen,
+            health_listen: args.health_listen,
             redelivery_window: args.redelivery_window,
             redelivery_max_bytes: args.redelivery_max_bytes,
         })

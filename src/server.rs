@@ -47,6 +47,12 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen for health checks on {addr} (--health-listen): {source}")]
+    HealthListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs one replica on `listener` until `shutdown` resolves, then shuts down
@@ -66,6 +72,14 @@ pub async fn serve(
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let health_listener = match config.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::HealthListen { addr, source })?,
         ),
         None => None,
     };
@@ -215,6 +229,16 @@ pub async fn serve(
         // Up until the very end: a drain is worth watching.
         crate::metrics::spawn_endpoint(listener, registry, phase.reached(Phase::Closing))
     });
+    // The probe port: health alone, plaintext, until the replica closes.
+    let health_endpoint = health_listener.map(|listener| {
+        info!(addr = ?listener.local_addr().ok(), "serving grpc.health.v1 alone, in plaintext (--health-listen)");
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(incoming, phase.reached(Phase::Closing)),
+        )
+    });
     let replicast = ReplicastServer::new(service)
         .max_decoding_message_size(config.max_frame_bytes())
         .max_encoding_message_size(config.max_frame_bytes());
@@ -350,6 +374,9 @@ pub async fn serve(
     }
     if let Some(acceptor) = acceptor {
         let _ = tokio::time::timeout_at(deadline, acceptor).await;
+    }
+    if let Some(health) = health_endpoint {
+        let _ = tokio::time::timeout_at(deadline, health).await;
     }
     if let Some(endpoint) = metrics_endpoint {
         // Ends with Closing, but a scraper that stops reading could hold it.

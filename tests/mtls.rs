@@ -125,10 +125,16 @@ async fn three_replicas_broadcast_over_mtls_and_refuse_plaintext() {
     let secret = SecretDir::new(&ca.replica(IDENTITY), &ca.pem());
     let hosts = Hosts::reserve(3).await;
     let metrics = free_port_on(hosts.ips[0]).await;
+    let probe_port = free_port_on(hosts.ips[0]).await;
     let cluster = cluster(hosts, 3, |i| {
         let mut flags = secret.flags();
         if i == 0 {
-            flags.extend(["--metrics-listen".into(), metrics.to_string()]);
+            flags.extend([
+                "--metrics-listen".into(),
+                metrics.to_string(),
+                "--health-listen".into(),
+                probe_port.to_string(),
+            ]);
         }
         flags
     })
@@ -165,6 +171,12 @@ async fn three_replicas_broadcast_over_mtls_and_refuse_plaintext() {
 
     // Every connection to the port is TLS: a plaintext client gets nothing.
     assert!(!health_answers(&Dialer::Plain, cluster.addr(0)).await);
+    // The probe port answers health in plaintext (kubelet probes cannot
+    // speak TLS), and nothing else.
+    assert!(health_answers(&Dialer::Plain, probe_port).await);
+    let mut probe_client = connect(&Dialer::Plain, probe_port).await.unwrap();
+    let status = probe_client.broadcast(broadcast("cache", AckPolicy::All)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     eventually(
         "the plaintext handshake to be counted",
         Duration::from_secs(5),

@@ -10,6 +10,11 @@
 #     PodDisruptionBudget and NetworkPolicy selects a workload of the
 #     overlay, named target ports exist, every $(VAR) in a container's args
 #     is defined in its env, selectors match their pod templates;
+#   - cert-manager's Certificate and Issuer (no schema in kubernetes-validate)
+#     are checked field by field against cert-manager.io/v1, and against what
+#     replicast needs: the server and client auth usages, the Secret mounted
+#     where REPLICAST_TLS_CERT points, REPLICAST_TLS_IDENTITY a SAN of the
+#     certificate, probes on the plaintext health port;
 #   - deploy/Dockerfile passes hadolint, and builds the binary with the same
 #     cargo command .ci/run uses.
 # Prints "ok - WHAT" / "not ok - WHAT" and ends with "manifests: N passed, M failed".
@@ -96,10 +101,90 @@ for d in docs:
         if not any(selects(d["spec"]["podSelector"].get("matchLabels", {}), w) for w in workloads):
             errors.append(f"NetworkPolicy {name} selects no workload")
 
+# cert-manager v1 (Certificate, Issuer): the fields its CRDs define, and
+# what replicast needs of them.
+CERT_FIELDS = {"secretName", "secretTemplate", "commonName", "dnsNames", "uris", "ipAddresses",
+               "emailAddresses", "otherNames", "duration", "renewBefore", "renewBeforePercentage", "usages",
+               "privateKey", "issuerRef", "isCA", "subject", "literalSubject", "keystores",
+               "revisionHistoryLimit", "additionalOutputFormats", "nameConstraints", "encodeUsagesInRequest"}
+PRIVATE_KEY_FIELDS = {"algorithm", "encoding", "size", "rotationPolicy"}
+ISSUER_KINDS = {"selfSigned", "ca", "acme", "vault", "venafi"}
+USAGES = {"signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+          "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+          "server auth", "client auth", "code signing", "email protection", "s/mime", "ipsec end system",
+          "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"}
+issuers = {d["metadata"]["name"] for d in docs if d.get("kind") == "Issuer"}
+for d in docs:
+    kind, name = d.get("kind"), d["metadata"]["name"]
+    if not d.get("apiVersion", "").startswith("cert-manager.io/"):
+        continue
+    if d["apiVersion"] != "cert-manager.io/v1" or kind not in ("Certificate", "Issuer"):
+        errors.append(f"{d['apiVersion']} {kind} {name}: only cert-manager.io/v1 Certificate and Issuer are checked")
+        continue
+    spec = d.get("spec", {})
+    if kind == "Issuer":
+        if set(spec) - ISSUER_KINDS or len(spec) != 1:
+            errors.append(f"Issuer {name}: spec must be exactly one of {sorted(ISSUER_KINDS)}, is {sorted(spec)}")
+        continue
+    for field in set(spec) - CERT_FIELDS:
+        errors.append(f"Certificate {name}: unknown field spec.{field}")
+    for field in set(spec.get("privateKey", {})) - PRIVATE_KEY_FIELDS:
+        errors.append(f"Certificate {name}: unknown field spec.privateKey.{field}")
+    for usage in set(spec.get("usages", [])) - USAGES:
+        errors.append(f"Certificate {name}: unknown usage {usage!r}")
+    ref = spec.get("issuerRef", {})
+    if ref.get("kind", "Issuer") == "Issuer" and ref.get("name") not in issuers:
+        errors.append(f"Certificate {name}: issuerRef {ref.get('name')!r} names no Issuer of the overlay")
+    if not spec.get("secretName"):
+        errors.append(f"Certificate {name}: no secretName")
+    if spec.get("isCA"):
+        continue
+    # A replica certificate: mounted by the replicast container, holding
+    # the identity it is configured with, usable as server and client.
+    for usage in ("server auth", "client auth"):
+        if usage not in spec.get("usages", []):
+            errors.append(f"Certificate {name}: replicas need the {usage!r} usage")
+    mounted = False
+    for w in workloads:
+        volumes = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
+        for c in containers(w):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if "REPLICAST_TLS_CERT" not in env:
+                continue
+            for m in c.get("volumeMounts", []):
+                secret = volumes.get(m["name"], {}).get("secret", {})
+                if secret.get("secretName") == spec["secretName"] and env["REPLICAST_TLS_CERT"].startswith(m["mountPath"]):
+                    mounted = True
+            if env.get("REPLICAST_TLS_IDENTITY") not in spec.get("uris", []) + spec.get("dnsNames", []):
+                errors.append(f"{w['metadata']['name']}/{c['name']}: REPLICAST_TLS_IDENTITY "
+                              f"{env.get('REPLICAST_TLS_IDENTITY')!r} is not a SAN of Certificate {name}")
+            if any("NAMESPACE" in uri for uri in spec.get("uris", [])):
+                errors.append(f"Certificate {name}: the NAMESPACE placeholder was not replaced")
+            probes = [c.get(p) for p in ("startupProbe", "readinessProbe", "livenessProbe")]
+            health = env.get("REPLICAST_HEALTH_LISTEN", "")
+            if not health or any(p and p.get("grpc", {}).get("port") != int(health.rsplit(":", 1)[1]) for p in probes):
+                errors.append(f"{w['metadata']['name']}/{c['name']}: with TLS on, gRPC probes must use "
+                              "the plaintext REPLICAST_HEALTH_LISTEN port (kubelet probes cannot speak TLS)")
+    if not mounted:
+        errors.append(f"Certificate {name}: its Secret {spec['secretName']} is not mounted where REPLICAST_TLS_CERT points")
+
 if errors:
     print("\n".join(errors))
     sys.exit(1)
 print(f"{len(docs)} resources, cross-checks passed")
+PYEOF
+}
+
+# split_crds FILE: FILE.core gets the documents of Kubernetes' own API
+# groups, FILE.crds those of cert-manager.io.
+split_crds() {
+  "$PYTHON" - "$1" <<'PYEOF'
+import sys
+import yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+crd = lambda d: d.get("apiVersion", "").startswith("cert-manager.io/")
+yaml.safe_dump_all([d for d in docs if not crd(d)], open(sys.argv[1] + ".core", "w"))
+yaml.safe_dump_all([d for d in docs if crd(d)], open(sys.argv[1] + ".crds", "w"))
 PYEOF
 }
 
@@ -113,12 +198,15 @@ for overlay in "$ROOT"/deploy/kubernetes/overlays/*/; do
   log=$(kustomize build "$overlay" 2>&1 >"$out") || status=$?
   report "$status" "kustomize build ${rel%/}" "$log"
   ((status == 0)) || continue
+  # cert-manager's kinds have no schema in kubernetes-validate: the
+  # cross-checks below check them; the rest is validated strictly.
+  split_crds "$out"
   status=0
   log=""
   for version in "${VERSIONS[@]}"; do
     # --quiet prints only problems; "Couldn't find schema" is a warning that
     # would let an unknown kind pass, so it is a failure here.
-    if ! o=$(kubernetes-validate --strict --quiet -k "$version" "$out" 2>&1) || [[ -n $o ]]; then
+    if ! o=$(kubernetes-validate --strict --quiet -k "$version" "$out.core" 2>&1) || [[ -n $o ]]; then
       status=1
       log+="$o"$'\n'
     fi

@@ -38,17 +38,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
     std::fs::write(dir.join("ca.crt"), ca.pem())?;
 
-    for (name, uri, dns) in [("tls", identity.as_str(), true), ("client", CLIENT_IDENTITY, false)] {
+    for (name, uri, dns) in [
+        ("tls", identity.as_str(), true),
+        ("client", CLIENT_IDENTITY, false),
+    ] {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
         if dns {
             // So that grpcurl, which checks a host name, can be pointed at
             // it with -servername localhost.
-            params.subject_alt_names.push(SanType::DnsName("localhost".try_into()?));
+            params
+                .subject_alt_names
+                .push(SanType::DnsName("localhost".try_into()?));
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &ca)?;
         std::fs::write(dir.join(format!("{name}.crt")), cert.pem())?;

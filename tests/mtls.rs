@@ -175,7 +175,10 @@ async fn three_replicas_broadcast_over_mtls_and_refuse_plaintext() {
     // speak TLS), and nothing else.
     assert!(health_answers(&Dialer::Plain, probe_port).await);
     let mut probe_client = connect(&Dialer::Plain, probe_port).await.unwrap();
-    let status = probe_client.broadcast(broadcast("cache", AckPolicy::All)).await.unwrap_err();
+    let status = probe_client
+        .broadcast(broadcast("cache", AckPolicy::All))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
     eventually(
         "the plaintext handshake to be counted",

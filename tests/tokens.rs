@@ -6,7 +6,7 @@ mod common;
 
 use std::{path::PathBuf, time::Duration};
 
-use common::{Cluster, client, eventually, health_status};
+use common::{Cluster, client, eventually, free_port_on, health_status, samples, scrape};
 use replicast::{
     auth::digest_line,
     proto::v1::{
@@ -220,7 +220,22 @@ async fn a_publish_stream_checks_each_message_and_goes_on() {
 #[tokio::test]
 async fn the_tokens_file_reloads_all_or_nothing_and_revokes_open_streams() {
     let file = TokensFile::new(&tokens_text("cache.*"));
-    let cluster = cluster(&file).await;
+    let path = file.0.display().to_string();
+    let metrics = free_port_on(std::net::Ipv4Addr::LOCALHOST.into())
+        .await
+        .to_string();
+    let cluster = Cluster::start(
+        1,
+        &[
+            "--tokens-file",
+            &path,
+            "--tokens-reload-interval",
+            "100ms",
+            "--metrics-listen",
+            &metrics,
+        ],
+    )
+    .await;
     let addr = cluster.addr(0);
     let mut c = client(addr).await;
     let subscribe = SubscribeRequest {
@@ -235,7 +250,17 @@ async fn the_tokens_file_reloads_all_or_nothing_and_revokes_open_streams() {
 
     // A broken file is not taken: the old tokens stay in force.
     file.replace("web sha256:not-hex publish=*\n");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics: std::net::SocketAddr = metrics.parse().unwrap();
+    eventually(
+        "the broken file to be seen and rejected",
+        Duration::from_secs(5),
+        || async move {
+            samples(&scrape(metrics).await)
+                .get("replicast_tokens_reloads_total{result=\"rejected\"}")
+                .is_some_and(|n| *n >= 1.0)
+        },
+    )
+    .await;
     c.broadcast(with_token(broadcast("cache.still"), Some(WEB)))
         .await
         .expect("the previous tokens are still in force");

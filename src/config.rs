@@ -14,6 +14,7 @@ use crate::{
     limits::LimitsConfig,
     local::LocalLimits,
     tls::{ClientCerts, TlsSource, WorkloadIdentity},
+    webhook::{WebhookConfig, WebhookSettings, contract::RetryPolicy},
 };
 
 /// Largest `--max-message-bytes` accepted.
@@ -219,6 +220,44 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub tls: TlsFlags,
 
+    /// POST every message delivered to this replica to URL, as a CloudEvent
+    /// (repeatable; space-separated in the environment). Topic filters in
+    /// the fragment, which is never sent: http://127.0.0.1:8080/events#topics=cache.*,user.logout
+    #[arg(long = "webhook", env = "REPLICAST_WEBHOOKS", value_delimiter = ' ')]
+    pub webhooks: Vec<String>,
+
+    /// CloudEvents HTTP mode of the webhooks: binary (the payload is the
+    /// body, attributes are ce-* headers) or structured (one JSON event).
+    #[arg(long, env = "REPLICAST_WEBHOOK_MODE", value_enum, default_value = "binary")]
+    pub webhook_mode: crate::webhook::event::Mode,
+
+    /// POSTs in flight at once per webhook, started in sequence order (1:
+    /// one after another, each after the previous one's answer).
+    #[arg(long, env = "REPLICAST_WEBHOOK_CONCURRENCY", default_value_t = 1)]
+    pub webhook_concurrency: usize,
+
+    /// Bound on one POST: connect, send, the app's answer.
+    #[arg(long, env = "REPLICAST_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
+
+    /// Attempts per message at most before it is dead-lettered.
+    #[arg(long, env = "REPLICAST_WEBHOOK_MAX_ATTEMPTS", default_value_t = 20)]
+    pub webhook_max_attempts: u32,
+
+    /// How long after its first attempt a message is still retried.
+    #[arg(long, env = "REPLICAST_WEBHOOK_MAX_AGE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub webhook_max_age: Duration,
+
+    /// The longest Retry-After (on 429 and 503) that is honoured.
+    #[arg(long, env = "REPLICAST_WEBHOOK_RETRY_AFTER_CAP", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub webhook_retry_after_cap: Duration,
+
+    /// Sign the POSTs with Standard Webhooks headers (webhook-id,
+    /// webhook-timestamp, webhook-signature): one whsec_<base64> secret per
+    /// line; several sign with each (rotation).
+    #[arg(long, env = "REPLICAST_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
     /// With TLS on: whether clients (not peers) must present a certificate
     /// from the CA. Peer RPCs always need one holding --tls-identity.
     #[arg(
@@ -326,6 +365,8 @@ pub struct Config {
     pub http2: Http2Limits,
     /// mTLS (None: plaintext).
     pub tls: Option<TlsSource>,
+    /// The `--webhook` sinks.
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 /// The HTTP/2 settings that bound what one connection can do.
@@ -345,7 +386,63 @@ pub struct Http2Limits {
 pub struct ConfigError {
     pub flag: &'static str,
     pub value: String,
-    pub reason: &'static str,
+    pub reason: std::borrow::Cow<'static, str>,
+}
+
+/// The `--webhook` sinks and their shared settings.
+fn webhooks(args: &ServeArgs) -> Result<Vec<WebhookConfig>, ConfigError> {
+    let err = |flag, value: String, reason: &'static str| ConfigError {
+        flag,
+        value,
+        reason: reason.into(),
+    };
+    if args.webhook_concurrency == 0 || args.webhook_concurrency > 1024 {
+        return Err(err(
+            "webhook-concurrency",
+            args.webhook_concurrency.to_string(),
+            "must be between 1 and 1024",
+        ));
+    }
+    if args.webhook_max_attempts == 0 {
+        return Err(err("webhook-max-attempts", "0".into(), "must be at least 1"));
+    }
+    for (flag, d) in [
+        ("webhook-timeout", args.webhook_timeout),
+        ("webhook-max-age", args.webhook_max_age),
+        ("webhook-retry-after-cap", args.webhook_retry_after_cap),
+    ] {
+        if d.is_zero() || d > Duration::from_secs(24 * 3600) {
+            return Err(err(
+                flag,
+                humantime::format_duration(d).to_string(),
+                "must be more than 0 and at most 24h",
+            ));
+        }
+    }
+    let settings = WebhookSettings {
+        mode: args.webhook_mode,
+        concurrency: args.webhook_concurrency,
+        timeout: args.webhook_timeout,
+        retry: RetryPolicy {
+            max_attempts: args.webhook_max_attempts,
+            max_age: args.webhook_max_age,
+            retry_after_cap: args.webhook_retry_after_cap,
+            base_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+        },
+        secret_file: args.webhook_secret_file.clone(),
+    };
+    args.webhooks
+        .iter()
+        .filter(|w| !w.trim().is_empty())
+        .map(|w| {
+            WebhookConfig::parse(w.trim(), settings.clone()).map_err(|e| ConfigError {
+                flag: "webhook",
+                value: e.value,
+                reason: e.reason.into(),
+            })
+        })
+        .collect()
 }
 
 /// The replica's TLS source from its flags: all four or none.
@@ -357,14 +454,14 @@ fn tls_source(args: &ServeArgs) -> Result<Option<TlsSource>, ConfigError> {
     let missing = |flag| ConfigError {
         flag,
         value: "(unset)".to_owned(),
-        reason: "TLS needs all four of --tls-cert, --tls-key, --tls-ca and --tls-identity",
+        reason: "TLS needs all four of --tls-cert, --tls-key, --tls-ca and --tls-identity".into(),
     };
     let within = |flag, d: Duration| {
         if d < Duration::from_millis(100) || d > MAX_TIMEOUT {
             Err(ConfigError {
                 flag,
                 value: humantime::format_duration(d).to_string(),
-                reason: "must be between 100ms and 1h",
+                reason: "must be between 100ms and 1h".into(),
             })
         } else {
             Ok(d)
@@ -395,10 +492,10 @@ impl TryFrom<ServeArgs> for Config {
     type Error = ConfigError;
 
     fn try_from(args: ServeArgs) -> Result<Self, ConfigError> {
-        let err = |flag, value: &dyn std::fmt::Display, reason| ConfigError {
+        let err = |flag, value: &dyn std::fmt::Display, reason: &'static str| ConfigError {
             flag,
             value: value.to_string(),
-            reason,
+            reason: reason.into(),
         };
         let positive = |flag, d: Duration| {
             if d.is_zero() || d > MAX_TIMEOUT {
@@ -478,6 +575,7 @@ impl TryFrom<ServeArgs> for Config {
         }
 
         let tls = tls_source(&args)?;
+        let webhooks = webhooks(&args)?;
         let advertise = args
             .advertise
             .or_else(|| args.pod_ip.map(|ip| SocketAddr::new(ip, args.listen.port())))
@@ -549,6 +647,7 @@ impl TryFrom<ServeArgs> for Config {
                 max_connection_age: args.max_connection_age,
             },
             tls,
+            webhooks,
             metrics_listen: args.metrics_listen,
             health_listen: args.health_listen,
             redelivery_window: args.redelivery_window,

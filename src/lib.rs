@@ -39,4 +39,5 @@ pub mod service;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;
+pub mod webhook;
 pub mod wire;

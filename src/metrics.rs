@@ -170,6 +170,7 @@ pub struct Metrics {
     pub auth_refusals: Family<AuthRefusalLabels, Counter>,
     /// Set when TLS is on (its series are registered only then).
     pub tls: Option<crate::tls::TlsMetrics>,
+    pub webhooks: crate::webhook::WebhookMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -193,6 +194,7 @@ impl Default for Metrics {
             token_reloads: Family::default(),
             auth_refusals: Family::default(),
             tls: None,
+            webhooks: crate::webhook::WebhookMetrics::default(),
         }
     }
 }
@@ -284,6 +286,27 @@ impl Metrics {
             "replicast_auth_refusals",
             "Calls refused for their credentials (unauthenticated) or their topics (permission_denied)",
             self.auth_refusals.clone(),
+        );
+        registry.register(
+            "replicast_webhook_deliveries",
+            "Webhook POSTs by result: delivered (2xx), retried (an attempt to be retried), dead_lettered (given up), \
+             abandoned (left when the replica closed)",
+            self.webhooks.deliveries.clone(),
+        );
+        registry.register(
+            "replicast_webhook_latency_seconds",
+            "Time from a delivery's first POST to the app's 2xx, retries included",
+            self.webhooks.latency.clone(),
+        );
+        registry.register(
+            "replicast_webhook_backlog",
+            "Deliveries a webhook has not POSTed yet, or not had an answer for",
+            self.webhooks.backlog.clone(),
+        );
+        registry.register(
+            "replicast_webhook_lost",
+            "Deliveries that fell out of the replay ring before a webhook read them (the next POST says how many)",
+            self.webhooks.lost.clone(),
         );
         if let Some(tls) = &self.tls {
             registry.register(

@@ -26,6 +26,7 @@ use crate::{
     service::{ReplicastService, ServiceConfig},
     telemetry::GrpcTraceLayer,
     tls::{Dialer, TlsLoadError, TlsMetrics, spawn_acceptor, spawn_tls_reload},
+    webhook::spawn_webhooks,
 };
 
 /// Why a replica could not serve.
@@ -41,6 +42,8 @@ pub enum ServeError {
     Tokens(#[from] TokensLoadError),
     #[error("TLS: {0}")]
     Tls(#[from] TlsLoadError),
+    #[error("webhook: {0}")]
+    Webhook(#[from] crate::webhook::WebhookStartError),
     #[error("cannot listen for metrics on {addr} (--metrics-listen): {source}")]
     MetricsListen {
         addr: SocketAddr,
@@ -114,6 +117,16 @@ pub async fn serve(
             Tokens::off()
         }
     };
+    let local = Arc::new(LocalDelivery::new(config.local));
+    // Started before anything is delivered: each follows every delivery.
+    // A secret file that cannot be read fails start-up.
+    let webhooks = spawn_webhooks(
+        config.webhooks.clone(),
+        local.clone(),
+        metrics.webhooks.clone(),
+        phase.clone(),
+    )
+    .await?;
     let discovery = spawn_discovery(
         config.discovery.clone(),
         LookupCounters {
@@ -121,7 +134,6 @@ pub async fn serve(
             failures: metrics.dns_failures.clone(),
         },
     )?;
-    let local = Arc::new(LocalDelivery::new(config.local));
     let link_config = LinkConfig {
         peer_timeout: config.peer_timeout,
         max_frame_bytes: config.max_frame_bytes(),
@@ -374,6 +386,9 @@ pub async fn serve(
     }
     if let Some(acceptor) = acceptor {
         let _ = tokio::time::timeout_at(deadline, acceptor).await;
+    }
+    for webhook in webhooks {
+        let _ = tokio::time::timeout_at(deadline, webhook).await;
     }
     if let Some(health) = health_endpoint {
         let _ = tokio::time::timeout_at(deadline, health).await;

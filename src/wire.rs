@@ -148,8 +148,9 @@ impl EncodedMessage {
         self.0.bytes.len()
     }
 
-    /// Decodes the whole message again (tests compare it with the original).
-    #[cfg(test)]
+    /// Decodes the whole message again: for the webhook POST, which needs
+    /// its fields (the payload is a slice of the shared buffer, not a copy),
+    /// and for tests. It was encoded here, so it decodes.
     pub fn to_message(&self) -> Message {
         Message::decode(self.0.bytes.clone()).unwrap_or_default()
     }

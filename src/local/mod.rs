@@ -276,6 +276,100 @@ impl LocalDelivery {
     }
 }
 
+/// A reader of every delivery that matches its filter, in order, that is
+/// never disconnected for being slow: when it falls behind the ring, it
+/// skips to the oldest delivery still held and says how many it lost. For
+/// the webhook sinks, whose app may be slow or down for a while; like a
+/// subscriber, its backlog costs nothing but its cursor.
+#[derive(Debug)]
+pub struct Follower {
+    local: Arc<LocalDelivery>,
+    head_rx: watch::Receiver<u64>,
+    batch: VecDeque<StoredDelivery>,
+    filter: TopicFilter,
+    cursor: u64,
+    /// Lost since the last delivery returned.
+    lost: u64,
+}
+
+/// One delivery to a follower.
+#[derive(Debug, Clone)]
+pub struct Followed {
+    pub delivery: StoredDelivery,
+    /// Deliveries (of any topic) that fell out of the ring before the
+    /// follower read them, since the previous one it got.
+    pub lost_before: u64,
+}
+
+impl LocalDelivery {
+    /// A follower of the deliveries made from now on.
+    pub fn follow(self: &Arc<Self>, filter: TopicFilter) -> Follower {
+        let cursor = self.lock().last_sequence;
+        Follower {
+            local: self.clone(),
+            head_rx: self.head_tx.subscribe(),
+            batch: VecDeque::new(),
+            filter,
+            cursor,
+            lost: 0,
+        }
+    }
+
+    /// Up to [`READ_BATCH`] deliveries after `cursor`, and how many were
+    /// evicted before it could read them (the cursor then moves past them).
+    fn read_following(&self, cursor: u64) -> Result<(Vec<StoredDelivery>, u64), Error> {
+        let state = self.lock();
+        let last = state.last_sequence;
+        let (batch, lost) = match state.ring.after(cursor, last, READ_BATCH) {
+            Ok(batch) => (batch, 0),
+            Err(evicted) => {
+                let skipped = evicted.oldest.saturating_sub(1);
+                let batch = state.ring.after(skipped, last, READ_BATCH).unwrap_or_default();
+                (batch, skipped - cursor)
+            }
+        };
+        if batch.is_empty() && lost == 0 && state.closed {
+            return Err(Error::ShuttingDown);
+        }
+        Ok((batch, lost))
+    }
+}
+
+impl Follower {
+    /// The next matching delivery. Ends with [`Error::ShuttingDown`] once
+    /// the replica is closed and everything delivered before was read.
+    pub async fn next(&mut self) -> Result<Followed, Error> {
+        loop {
+            if let Some(delivery) = self.batch.pop_front() {
+                self.cursor = delivery.sequence;
+                if self.filter.matches(delivery.message.topic()) {
+                    return Ok(Followed {
+                        delivery,
+                        lost_before: std::mem::take(&mut self.lost),
+                    });
+                }
+                continue;
+            }
+            self.head_rx.borrow_and_update();
+            let (batch, lost) = self.local.read_following(self.cursor)?;
+            self.cursor += lost;
+            self.lost += lost;
+            if batch.is_empty() && lost == 0 {
+                self.head_rx.changed().await.map_err(|_| Error::ShuttingDown)?;
+            } else {
+                self.batch = batch.into();
+            }
+        }
+    }
+
+    /// Deliveries made that this follower has not passed yet (of any
+    /// topic).
+    pub fn backlog(&self) -> u64 {
+        let passed = self.batch.front().map_or(self.cursor, |d| d.sequence - 1);
+        self.local.last_sequence().saturating_sub(passed)
+    }
+}
+
 /// Where a subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -346,6 +440,26 @@ mod tests {
             topic: topic.into(),
             ..Default::default()
         })
+    }
+
+    #[tokio::test]
+    async fn a_follower_is_never_cut_off_and_counts_what_it_lost() {
+        let l = local(3, 1);
+        let mut follower = l.follow(TopicFilter::new(&["cache".to_owned()]));
+        for i in 0..6 {
+            l.deliver(msg(&format!("m{i}"), if i % 2 == 0 { "cache" } else { "other" }))
+                .unwrap();
+        }
+        // The ring holds 4..=6; 1..=3 were lost, and 4 ("other") is skipped.
+        assert_eq!(follower.backlog(), 6);
+        let next = follower.next().await.unwrap();
+        assert_eq!((next.delivery.sequence, next.lost_before), (5, 3));
+        l.deliver(msg("m6", "cache")).unwrap();
+        let next = follower.next().await.unwrap();
+        assert_eq!((next.delivery.sequence, next.lost_before), (7, 0));
+        assert_eq!(follower.backlog(), 0);
+        l.close();
+        assert!(matches!(follower.next().await, Err(Error::ShuttingDown)));
     }
 
     #[test]

@@ -436,3 +436,91 @@ async fn http_protobuf_export_works_too() {
     drop(process);
     server.abort();
 }
+
+/// The app behind a webhook: records the `traceparent` of each POST.
+async fn traceparent_recorder() -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new().route(
+        "/events",
+        axum::routing::post({
+            let seen = seen.clone();
+            move |headers: axum::http::HeaderMap| async move {
+                let traceparent = headers.get("traceparent").map_or("", |v| v.to_str().unwrap());
+                seen.lock().unwrap().push(traceparent.to_owned());
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let task = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (addr, seen, task)
+}
+
+#[tokio::test]
+async fn a_webhook_post_continues_the_broadcasts_trace_into_the_app() {
+    let receiver = Receiver::default();
+    let otlp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp_addr = otlp.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver.clone()))
+            .serve_with_incoming(TcpListenerStream::new(otlp)),
+    );
+    let (app, seen, app_task) = traceparent_recorder().await;
+    let mut hosts = Hosts::reserve(1).await;
+    let addr = hosts.addr(0);
+    drop(hosts.listeners[0].take());
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
+        .args(["serve", "--listen", &addr.to_string()])
+        .args(["--webhook", &format!("http://{app}/events")])
+        .args(["--otlp-endpoint", &format!("http://{otlp_addr}")])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start replicast");
+    let _process = Process(child);
+    wait_serving(addr).await;
+
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = Request::new(BroadcastRequest {
+        topic: "cache.invalidate".into(),
+        payload: b"user:42".to_vec().into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-b7ad6b7169203331-01").parse().unwrap(),
+    );
+    client(addr).await.broadcast(request).await.expect("delivered");
+
+    common::eventually("the app to get the POST", Duration::from_secs(10), || async {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    let traceparent = seen.lock().unwrap()[0].clone();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "a W3C traceparent on the POST: {traceparent:?}");
+    assert_eq!(
+        parts[1], trace_id,
+        "the app's handler joins the Broadcast's trace"
+    );
+    // Its parent is the replica's delivery (process) span of that trace.
+    let parent = hex(parts[2]);
+    common::eventually(
+        "the delivery span to be exported",
+        Duration::from_secs(20),
+        || async {
+            receiver.spans.lock().unwrap().iter().any(|s| {
+                s.span.span_id == parent
+                    && s.span.trace_id == hex(trace_id)
+                    && s.span.name.starts_with("process")
+            })
+        },
+    )
+    .await;
+    app_task.abort();
+    server.abort();
+}

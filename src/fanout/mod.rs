@@ -422,8 +422,16 @@ pub fn deliver_locally(
     span: &tracing::Span,
 ) -> Result<Delivered, Error> {
     let _entered = span.enter();
+    // Kept with the delivery for the webhooks, only when traced.
+    let trace_context = if span.is_disabled() {
+        None
+    } else {
+        Some(crate::telemetry::propagation::inject_map(span))
+            .filter(|c| !c.is_empty())
+            .map(Arc::new)
+    };
     // A closed replica's refusal is recorded by the span's owner.
-    let delivered = local.deliver(message)?;
+    let delivered = local.deliver_traced(message, trace_context)?;
     if delivered.duplicate {
         metrics.duplicates.inc();
     } else {

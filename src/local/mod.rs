@@ -20,7 +20,7 @@ mod ring;
 mod topic;
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -115,10 +115,23 @@ impl LocalDelivery {
     /// not acknowledged, so it keeps the message for redelivery instead of
     /// believing a replica that is about to exit delivered it.
     pub fn deliver(&self, message: EncodedMessage) -> Result<Delivered, Error> {
+        self.deliver_traced(message, None)
+    }
+
+    /// [`deliver`](Self::deliver), keeping the delivering span's trace
+    /// context with the delivery (for the webhooks).
+    pub fn deliver_traced(
+        &self,
+        message: EncodedMessage,
+        trace_context: Option<Arc<HashMap<String, String>>>,
+    ) -> Result<Delivered, Error> {
         let now = Instant::now();
         // What the ring holds for it: the shared encoding, plus the
         // delivery's own fields and bookkeeping.
-        let size = message.encoded_len() + RING_ENTRY_OVERHEAD;
+        let trace_bytes = trace_context
+            .as_ref()
+            .map_or(0, |c| c.iter().map(|(k, v)| k.len() + v.len() + 48).sum());
+        let size = message.encoded_len() + RING_ENTRY_OVERHEAD + trace_bytes;
         let delivered = {
             let mut state = self.lock();
             if state.closed {
@@ -133,7 +146,14 @@ impl LocalDelivery {
             state.last_sequence += 1;
             let sequence = state.last_sequence;
             state.dedup.insert(message.id(), sequence, now);
-            state.ring.push(StoredDelivery { sequence, message }, size);
+            state.ring.push(
+                StoredDelivery {
+                    sequence,
+                    message,
+                    trace_context,
+                },
+                size,
+            );
             Delivered {
                 sequence,
                 duplicate: false,

@@ -1,6 +1,9 @@
 //! The replay ring: the most recent deliveries, for subscribers that resume.
 
-use std::collections::VecDeque;
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+};
 
 use crate::wire::EncodedMessage;
 
@@ -10,6 +13,10 @@ use crate::wire::EncodedMessage;
 pub struct StoredDelivery {
     pub sequence: u64,
     pub message: EncodedMessage,
+    /// W3C trace context (`traceparent`, `tracestate`) of the span that
+    /// delivered it, when its Broadcast is traced: a webhook POST carries
+    /// it, so the app's own handler span joins the trace.
+    pub trace_context: Option<Arc<HashMap<String, String>>>,
 }
 
 /// Keeps the most recent deliveries in sequence order: at most `capacity`
@@ -118,6 +125,7 @@ mod tests {
 
     fn delivery(sequence: u64) -> StoredDelivery {
         StoredDelivery {
+            trace_context: None,
             sequence,
             message: EncodedMessage::encode(crate::proto::v1::Message::default()),
         }

@@ -251,6 +251,13 @@ impl Sink {
                 .post(&self.webhook.url)
                 .headers(request.headers.clone())
                 .body(request.body.clone());
+            // The app's own OpenTelemetry instrumentation continues the
+            // Broadcast's trace from here.
+            if let Some(context) = &followed.delivery.trace_context {
+                for (key, value) in context.iter() {
+                    post = post.header(key.as_str(), value.as_str());
+                }
+            }
             if let Some(secrets) = &self.secrets {
                 let timestamp = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)

@@ -129,6 +129,12 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_METRICS_LISTEN", value_parser = parse_listen)]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Serve the local HTTP/JSON API on ADDR (e.g. 127.0.0.1:7480): POST
+    /// /v1/broadcast, GET /v1/peers, POST /v1/drain. Off unless set; it is
+    /// plaintext, for the app next to the replica.
+    #[arg(long, env = "REPLICAST_HTTP_LISTEN", value_parser = parse_listen)]
+    pub http_listen: Option<SocketAddr>,
+
     /// Also serve grpc.health.v1 alone, in plaintext, on ADDR (e.g. :7421).
     /// For kubelet gRPC probes when TLS is on: they cannot speak TLS. The
     /// same status as on the main port; nothing else is served there.
@@ -343,6 +349,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// See `--health-listen`.
     pub health_listen: Option<SocketAddr>,
+    /// See `--http-listen`.
+    pub http_listen: Option<SocketAddr>,
     /// How long a missed message is retried (zero: off).
     pub redelivery_window: Duration,
     /// Bytes of missed messages held at most, all peers together.
@@ -650,6 +658,7 @@ impl TryFrom<ServeArgs> for Config {
             webhooks,
             metrics_listen: args.metrics_listen,
             health_listen: args.health_listen,
+            http_listen: args.http_listen,
             redelivery_window: args.redelivery_window,
             redelivery_max_bytes: args.redelivery_max_bytes,
         })

@@ -25,6 +25,7 @@ pub mod devdns;
 pub mod discovery;
 pub mod error;
 pub mod fanout;
+pub mod http_api;
 pub mod lifecycle;
 pub mod limits;
 pub mod local;

@@ -16,6 +16,7 @@ use crate::{
     config::Config,
     discovery::{DiscoveryError, LookupCounters, spawn_discovery},
     fanout::{BacklogBudget, Connect, FanOut, Link, LinkConfig, PeerLink},
+    http_api::spawn_http_api,
     lifecycle::{Phase, ShutdownClock, lifecycle},
     limits::Limits,
     local::LocalDelivery,
@@ -50,6 +51,14 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen for the HTTP API on {addr} (--http-listen): {source}")]
+    HttpListen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP API: {0}")]
+    HttpApi(#[from] crate::http_api::MissingDescriptor),
     #[error("cannot listen for health checks on {addr} (--health-listen): {source}")]
     HealthListen {
         addr: SocketAddr,
@@ -75,6 +84,14 @@ pub async fn serve(
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let http_listener = match config.http_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::HttpListen { addr, source })?,
         ),
         None => None,
     };
@@ -251,6 +268,17 @@ pub async fn serve(
                 .serve_with_incoming_shutdown(incoming, phase.reached(Phase::Closing)),
         )
     });
+    // An app may start the drain itself (POST /v1/drain), as SIGTERM would.
+    let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
+    let http_api = match http_listener {
+        Some(listener) => Some(spawn_http_api(
+            listener,
+            service.clone(),
+            drain_tx,
+            phase.reached(Phase::Closing),
+        )?),
+        None => None,
+    };
     let replicast = ReplicastServer::new(service)
         .max_decoding_message_size(config.max_frame_bytes())
         .max_encoding_message_size(config.max_frame_bytes());
@@ -341,7 +369,11 @@ pub async fn serve(
     // replica drains (deliveries, and the probes that check its leave).
     let (result, deadline) = {
         let drain = async {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                // Only ever set to true; an error means no API to ask.
+                Ok(_) = drain_rx.wait_for(|asked| *asked) => {}
+            }
             let clock = ShutdownClock::start(plan);
             info!(%plan, "draining: announcing the leave, health NOT_SERVING, refusing Broadcast, still delivering");
             phase_tx.advance(Phase::Draining);
@@ -386,6 +418,9 @@ pub async fn serve(
     }
     if let Some(acceptor) = acceptor {
         let _ = tokio::time::timeout_at(deadline, acceptor).await;
+    }
+    if let Some(api) = http_api {
+        let _ = tokio::time::timeout_at(deadline, api).await;
     }
     for webhook in webhooks {
         let _ = tokio::time::timeout_at(deadline, webhook).await;

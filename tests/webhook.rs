@@ -208,7 +208,7 @@ async fn every_delivery_is_posted_in_order_to_each_replicas_app_as_a_cloudevent(
         );
         assert_eq!(first.header("content-type"), "text/plain");
         assert!(!first.header("ce-time").is_empty());
-        assert_eq!(first.header("ce-replicastincarnation").len(), 16);
+        assert!(first.header("ce-replicastincarnation").parse::<u64>().unwrap() > 0);
         assert_eq!(first.body, Bytes::from_static(b"payload 0"));
     }
     cluster.shutdown().await;

@@ -250,16 +250,21 @@ pub struct SubscribeArgs {
     /// Replay what was delivered after this sequence number first.
     #[arg(long, default_value_t = 0)]
     pub after: u64,
-    /// The incarnation `--after` belongs to (hex, from a delivery's
-    /// "incarnation"); a restarted replica then refuses the resume instead of
+    /// The incarnation `--after` belongs to (a delivery's "incarnation", as
+    /// `subscribe` and grpcurl print it; 0x-prefixed hex also works); a
+    /// restarted replica then refuses the resume instead of
     /// replaying the wrong messages.
-    #[arg(long, value_parser = parse_hex_u64)]
+    #[arg(long, value_parser = parse_incarnation)]
     pub incarnation: Option<u64>,
 }
 
-fn parse_hex_u64(s: &str) -> Result<u64, String> {
-    u64::from_str_radix(s.trim_start_matches("0x"), 16)
-        .map_err(|e| format!("{s:?} is not a hex incarnation: {e}"))
+/// Decimal (how it is printed) or `0x` hex.
+fn parse_incarnation(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not an incarnation (decimal as printed, or 0x-prefixed hex): {e}"))
 }
 
 /// Prints deliveries as JSON lines until the stream ends.
@@ -301,7 +306,8 @@ pub fn delivery_json(delivery: &Delivery) -> serde_json::Value {
         .map(|t| humantime::format_rfc3339_micros(t).to_string());
     let mut json = serde_json::json!({
         "sequence": delivery.sequence,
-        "incarnation": format!("{:x}", delivery.incarnation),
+        // A decimal string, as grpcurl prints the uint64 (proto3 JSON).
+        "incarnation": delivery.incarnation.to_string(),
         "id": message.id,
         "topic": message.topic,
         "origin": message.origin,

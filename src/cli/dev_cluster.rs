@@ -99,7 +99,7 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
         replicas.push(ServerHandle::start_on(config, listener));
     }
 
-    print_banner(&ips, port, dns.addr(), args.metrics_port);
+    print_banner(&ips, port, dns.addr(), args.metrics_port, args.quiet);
 
     let mut printers = JoinSet::new();
     if !args.quiet {
@@ -121,7 +121,7 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_banner(ips: &[IpAddr], port: u16, dns: SocketAddr, metrics_port: Option<u16>) {
+fn print_banner(ips: &[IpAddr], port: u16, dns: SocketAddr, metrics_port: Option<u16>, quiet: bool) {
     let first = SocketAddr::new(ips[0], port);
     let last = SocketAddr::new(ips[ips.len() - 1], port);
     println!("replicast dev-cluster: {} replicas", ips.len());
@@ -147,9 +147,16 @@ fn print_banner(ips: &[IpAddr], port: u16, dns: SocketAddr, metrics_port: Option
     println!("  {me} send --to {last} --topic demo --data 'hello from the last replica'");
     println!("  {me} subscribe --to {first} --topic 'demo*'");
     println!("  {me} peers --to {first}");
-    println!("  {me} bench --to {first}");
-    println!();
-    println!("Deliveries (Ctrl-C to stop):");
+    if quiet {
+        println!("  {me} bench --to {first}");
+        println!();
+        println!("Deliveries are not printed (--quiet). Ctrl-C to stop.");
+    } else {
+        // Printing every delivery of a benchmark would measure the terminal.
+        println!("  {me} bench --to {first}    (after restarting this cluster with --quiet)");
+        println!();
+        println!("Deliveries (Ctrl-C to stop):");
+    }
 }
 
 /// Prints one replica's deliveries, reconnecting if its stream ends.

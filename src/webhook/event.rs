@@ -8,7 +8,7 @@
 //! `type` = `io.replicast.message`, `subject` = topic, `time` = when the
 //! origin accepted it, and the extensions `sequence` (this replica's
 //! sequence number, decimal), `replicastincarnation` (this replica's
-//! incarnation, 16 hex digits), `replicastheaders` (the message's headers
+//! incarnation, decimal, as `subscribe` and grpcurl print it), `replicastheaders` (the message's headers
 //! as a JSON object) and, when messages were lost before this one,
 //! `replicastlost` (how many). A `content-type` message header is the
 //! event's `datacontenttype` (default `application/octet-stream`).
@@ -79,7 +79,7 @@ fn ce_header(value: &str) -> HeaderValue {
 /// The request for `message` in `mode`.
 pub fn build(mode: Mode, message: &Message, context: Context) -> EventRequest {
     let source = format!("replicast://{}", message.origin);
-    let incarnation = format!("{:016x}", context.incarnation);
+    let incarnation = context.incarnation.to_string();
     let mut headers = HeaderMap::new();
     match mode {
         Mode::Binary => {
@@ -195,7 +195,7 @@ mod tests {
         assert_eq!(h("ce-subject").as_deref(), Some("cache.invalidate"));
         assert_eq!(h("ce-time").as_deref(), Some("2027-01-15T08:00:00.000005Z"));
         assert_eq!(h("ce-sequence").as_deref(), Some("42"));
-        assert_eq!(h("ce-replicastincarnation").as_deref(), Some("0000000000000abc"));
+        assert_eq!(h("ce-replicastincarnation").as_deref(), Some("2748"));
         assert_eq!(h("content-type").as_deref(), Some("application/json"));
         assert_eq!(
             h("ce-replicastheaders").as_deref(),

@@ -12,8 +12,10 @@
 # an unreachable peer), mTLS between two `serve` replicas with certificates
 # from examples/dev_certs.rs (grpcurl and the CLI over TLS, a peer RPC refused
 # to a certificate without the workload identity, plaintext refused, new
-# certificates and CA picked up without a restart, SIGHUP), and finally that
-# the cluster stops cleanly on SIGTERM.
+# certificates and CA picked up without a restart, SIGHUP), a second
+# dev-cluster with the HTTP API and a webhook per replica to its own Python
+# app (POST /v1/broadcast reaches every app, topic filters hold, a bad request
+# is 400), and finally that the cluster stops cleanly on SIGTERM.
 # Prints "ok - ..." / "not ok - ..." per check and ends with
 # "smoke: N passed, M failed"; exits non-zero if anything failed.
 #
@@ -46,13 +48,14 @@ LOG="$WORK/dev-cluster.log"
 CLUSTER_PID=""
 SERVE_PID=""
 TLS_PIDS=""
+APPS_PIDS=""
 passed=0
 failed=0
 
 cleanup() {
   local status=$?
   local pid
-  for pid in $SERVE_PID $CLUSTER_PID $TLS_PIDS; do
+  for pid in $SERVE_PID $CLUSTER_PID $TLS_PIDS $APPS_PIDS; do
     kill -0 "$pid" 2>/dev/null || continue
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -61,7 +64,7 @@ cleanup() {
   if ((status != 0 || failed > 0)); then
     echo "--- dev-cluster log ($LOG)"
     cat "$LOG" 2>/dev/null || true
-    for log in "$WORK"/serve.log "$WORK"/tls-*.log; do
+    for log in "$WORK"/serve.log "$WORK"/tls-*.log "$WORK"/apps-*.log; do
       [[ -f $log ]] || continue
       echo "--- $(basename "$log")"
       cat "$log"
@@ -140,7 +143,7 @@ json_assert() {
   "$PYTHON" -c "import json, sys; r = json.load(sys.stdin); assert $1, r"
 }
 
-read -r PORT SERVE_PORT DEAD_PORT METRICS_PORT TLS_PORT < <(free_ports 5)
+read -r PORT SERVE_PORT DEAD_PORT METRICS_PORT TLS_PORT APPS_PORT API_PORT HOOK_PORT < <(free_ports 8)
 REPLICAS=("127.0.0.1:$PORT" "127.0.0.2:$PORT" "127.0.0.3:$PORT")
 A=${REPLICAS[0]}
 G=(grpcurl -plaintext -max-time 10)
@@ -420,7 +423,82 @@ tls_stop() {
 }
 check "mTLS: both replicas exit 0 on SIGTERM" tls_stop
 
+# --- apps that speak only HTTP: the HTTP API in, webhooks out --------------
+# A second dev-cluster, each replica with its own HTTP API and a webhook to
+# its own app (a Python HTTP server on the replica's address, as in a pod).
+apps_start() {
+  local ip
+  for ip in 127.0.0.1 127.0.0.2 127.0.0.3; do
+    "$PYTHON" - "$ip" "$HOOK_PORT" >"$WORK/apps-hook-$ip.log" 2>&1 <<'EOF' &
+import http.server, sys
+class Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        print(self.headers.get("ce-id"), self.headers.get("ce-subject"), body.decode(), flush=True)
+        self.send_response(204)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), Hook).serve_forever()
+EOF
+    APPS_PIDS+=" $!"
+  done
+  "$BIN" dev-cluster --port "$APPS_PORT" --quiet --http-port "$API_PORT" \
+    --webhook "http://{ip}:$HOOK_PORT/events#topics=cache.*" >"$WORK/apps-cluster.log" 2>&1 &
+  APPS_PIDS+=" $!"
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  until "${G[@]}" -max-time 2 "127.0.0.3:$APPS_PORT" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; do
+    ((SECONDS < deadline)) || { echo "the apps cluster is not SERVING"; return 1; }
+    sleep 0.2
+  done
+}
+check "apps: a dev-cluster with --http-port and --webhook 'http://{ip}:PORT/events#topics=cache.*'" apps_start
+
+apps_broadcast() {
+  local out ip
+  out=$("$PYTHON" - "http://127.0.0.2:$API_PORT" <<'EOF'
+import json, sys, urllib.request, urllib.error
+api = sys.argv[1]
+def post(path, body, timeout="2S"):
+    request = urllib.request.Request(api + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Grpc-Timeout": timeout, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+status, r = post("/v1/broadcast", {"topic": "cache.user", "payload": "dXNlcjo0Mg==", "id": "smoke-hook-1", "ack": "ACK_POLICY_ALL"})
+print(status, r)
+assert status == 200 and r["replicas"] == 3 and r["acked"] == 3, r
+status, r = post("/v1/broadcast", {"topic": "orders", "payload": ""})
+assert status == 200, r
+status, r = post("/v1/broadcast", {"topic": ""})
+print(status, r)
+assert status == 400 and r["code"] == 3 and "topic" in r["message"], r
+EOF
+) || { echo "$out"; return 1; }
+  echo "$out"
+  local deadline=$((SECONDS + 15))
+  for ip in 127.0.0.1 127.0.0.2 127.0.0.3; do
+    until grep -q "smoke-hook-1 cache.user user:42" "$WORK/apps-hook-$ip.log"; do
+      ((SECONDS < deadline)) || { echo "the app on $ip got no POST"; cat "$WORK/apps-hook-$ip.log"; return 1; }
+      sleep 0.2
+    done
+    if grep -q orders "$WORK/apps-hook-$ip.log"; then echo "$ip got a topic outside #topics"; return 1; fi
+  done
+}
+check "apps: POST /v1/broadcast (proto3 JSON) reaches every replica's app as a CloudEvent; a bad one is 400" apps_broadcast
+
+apps_stop() {
+  local pid
+  for pid in $APPS_PIDS; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in $APPS_PIDS; do wait_exit "$pid" "$STOP_TIMEOUT" || { echo "$pid still running"; return 1; }; done
+  APPS_PIDS=""
+}
+check "apps: the cluster and the apps stop" apps_stop
+
 # --- shutdown ----------------------------------------------------------------
+
 stop_cluster() {
   kill -TERM "$CLUSTER_PID"
   wait_exit "$CLUSTER_PID" "$STOP_TIMEOUT" || { echo "still running ${STOP_TIMEOUT}s after SIGTERM"; return 1; }

@@ -46,6 +46,15 @@ pub struct DevClusterArgs {
     /// address (127.0.0.N:PORT/metrics), as each pod would.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub metrics_port: Option<u16>,
+    /// Serve each replica's HTTP/JSON API on this port of its own address
+    /// (127.0.0.N:PORT), as each pod's sidecar would on its loopback.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_port: Option<u16>,
+    /// Give each replica a webhook (repeatable): `{ip}` in the URL becomes
+    /// the replica's own address, so each replica POSTs to its own app, as
+    /// in a pod: --webhook 'http://{ip}:8000/events#topics=cache.*'.
+    #[arg(long = "webhook")]
+    pub webhooks: Vec<String>,
 }
 
 /// Runs the cluster until Ctrl-C or SIGTERM.
@@ -67,12 +76,25 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
     let mut replicas = Vec::new();
     for listener in listeners {
         let listen = listener.local_addr()?;
-        let metrics = args.metrics_port.map(|port| {
-            [
+        let mut per_replica: Vec<String> = Vec::new();
+        if let Some(port) = args.metrics_port {
+            per_replica.extend([
                 "--metrics-listen".to_owned(),
                 SocketAddr::new(listen.ip(), port).to_string(),
-            ]
-        });
+            ]);
+        }
+        if let Some(port) = args.http_port {
+            per_replica.extend([
+                "--http-listen".to_owned(),
+                SocketAddr::new(listen.ip(), port).to_string(),
+            ]);
+        }
+        for webhook in &args.webhooks {
+            per_replica.extend([
+                "--webhook".to_owned(),
+                webhook.replace("{ip}", &listen.ip().to_string()),
+            ]);
+        }
         let listen = listen.to_string();
         let dns_server = dns.addr().to_string();
         let flags = [
@@ -89,17 +111,12 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
             "--drain-timeout",
             "1s",
         ];
-        let serve = ServeArgs::try_parse_from(
-            flags
-                .into_iter()
-                .map(str::to_owned)
-                .chain(metrics.into_iter().flatten()),
-        )?;
+        let serve = ServeArgs::try_parse_from(flags.into_iter().map(str::to_owned).chain(per_replica))?;
         let config = Config::try_from(serve)?;
         replicas.push(ServerHandle::start_on(config, listener));
     }
 
-    print_banner(&ips, port, dns.addr(), args.metrics_port, args.quiet);
+    print_banner(&ips, port, dns.addr(), &args);
 
     let mut printers = JoinSet::new();
     if !args.quiet {
@@ -121,19 +138,23 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_banner(ips: &[IpAddr], port: u16, dns: SocketAddr, metrics_port: Option<u16>, quiet: bool) {
+fn print_banner(ips: &[IpAddr], port: u16, dns: SocketAddr, args: &DevClusterArgs) {
+    let quiet = args.quiet;
     let first = SocketAddr::new(ips[0], port);
     let last = SocketAddr::new(ips[ips.len() - 1], port);
     println!("replicast dev-cluster: {} replicas", ips.len());
     for ip in ips {
-        match metrics_port {
-            Some(metrics) => println!(
-                "  replica  {}  metrics http://{}/metrics",
-                SocketAddr::new(*ip, port),
-                SocketAddr::new(*ip, metrics)
-            ),
-            None => println!("  replica  {}", SocketAddr::new(*ip, port)),
+        let mut line = format!("  replica  {}", SocketAddr::new(*ip, port));
+        if let Some(metrics) = args.metrics_port {
+            line += &format!("  metrics http://{}/metrics", SocketAddr::new(*ip, metrics));
         }
+        if let Some(http) = args.http_port {
+            line += &format!("  http api http://{}", SocketAddr::new(*ip, http));
+        }
+        for webhook in &args.webhooks {
+            line += &format!("  webhook {}", webhook.replace("{ip}", &ip.to_string()));
+        }
+        println!("{line}");
     }
     println!("  dns      {dns}  serving {HEADLESS} (A records, one per replica)");
     println!();

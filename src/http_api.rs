@@ -6,7 +6,8 @@
 //! replica's drain (its leave announcement first), for an app's preStop.
 //!
 //! Each call goes through the gRPC service's own handler, so validation,
-//! limits and tokens are the same. The JSON mapping is `prost-reflect`'s,
+//! limits and tokens are the same; the drain, which has no gRPC twin,
+//! needs a valid token when tokens are on. The JSON mapping is `prost-reflect`'s,
 //! driven by the descriptors the proto compiles to, not hand-written. A
 //! failure answers the HTTP status grpc-gateway uses for its gRPC code,
 //! with the JSON of `google.rpc.Status` whose `details` carry the
@@ -39,9 +40,9 @@ use crate::{
     telemetry::propagation,
 };
 
-/// Largest request body accepted (the payload limit is checked after, by
-/// the service, as for gRPC; this only bounds what is buffered).
-const MAX_BODY: usize = 96 * 1024 * 1024;
+/// Room in a request body beyond the base64 of its payload: topic, id,
+/// headers, JSON punctuation.
+const BODY_HEADROOM: usize = 512 * 1024;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -63,6 +64,7 @@ pub struct MissingDescriptor(String);
 /// asks for the drain.
 pub fn spawn_http_api(
     listener: TcpListener,
+    max_message_bytes: usize,
     service: ReplicastService,
     drain: watch::Sender<bool>,
     stopped: impl std::future::Future<Output = ()> + Send + 'static,
@@ -84,9 +86,21 @@ pub fn spawn_http_api(
         .route("/v1/broadcast", post(broadcast))
         .route("/v1/peers", get(peers))
         .route("/v1/drain", post(drain_now))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        // The payload limit is checked by the service, as for gRPC; this
+        // bounds what is buffered and parsed first (base64 is 4/3 larger).
+        .layer(axum::extract::DefaultBodyLimit::max(
+            max_message_bytes / 3 * 4 + 4 + BODY_HEADROOM,
+        ))
         .with_state(api);
-    info!(addr = ?listener.local_addr().ok(), "serving the HTTP/JSON API (--http-listen)");
+    let addr = listener.local_addr().ok();
+    info!(?addr, "serving the HTTP/JSON API (--http-listen)");
+    if addr.is_some_and(|a| !a.ip().is_loopback()) {
+        warn!(
+            ?addr,
+            "the HTTP API listens beyond loopback, in plaintext: anyone who reaches it may Broadcast (and drain \
+             this replica) unless --tokens-file is set; it is meant for the app next to the replica (127.0.0.1)"
+        );
+    }
     Ok(tokio::spawn(
         async move {
             let served = axum::serve(
@@ -217,6 +231,7 @@ async fn broadcast(
     };
     let mut json = serde_json::Deserializer::from_slice(&body);
     let request = match DynamicMessage::deserialize(api.broadcast_request.clone(), &mut json)
+        .and_then(|dynamic| json.end().map(|()| dynamic))
         .map_err(|e| e.to_string())
         .and_then(|dynamic| {
             BroadcastRequest::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| e.to_string())
@@ -282,7 +297,17 @@ async fn peers(
 /// Starts the drain, as SIGTERM would: for an app that begins its own
 /// shutdown (its preStop) while replicast, its native sidecar, would only
 /// get SIGTERM after the app exited.
-async fn drain_now(State(api): State<Api>, ConnectInfo(remote): ConnectInfo<SocketAddr>) -> Response {
+async fn drain_now(
+    State(api): State<Api>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    // With tokens on, only a client with a valid token may drain.
+    let request = grpc_request((), &headers, remote, None);
+    if let Err(error) = api.service.authenticate(&request) {
+        let status = tonic::Status::from(error);
+        return failure(status.code(), status.message(), Vec::new());
+    }
     let first = !api.drain.send_replace(true);
     if first {
         info!(%remote, "drain requested over the HTTP API (POST /v1/drain)");

@@ -38,6 +38,7 @@ pub mod request_errors;
 pub mod server;
 pub mod service;
 pub mod telemetry;
+pub mod timestamp;
 pub mod tls;
 pub mod validate;
 pub mod webhook;

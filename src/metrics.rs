@@ -300,12 +300,12 @@ impl Metrics {
         );
         registry.register(
             "replicast_webhook_backlog",
-            "Deliveries a webhook has not POSTed yet, or not had an answer for",
+            "Deliveries (of any topic) a webhook has not passed yet, or not had an answer for",
             self.webhooks.backlog.clone(),
         );
         registry.register(
             "replicast_webhook_lost",
-            "Deliveries that fell out of the replay ring before a webhook read them (the next POST says how many)",
+            "Deliveries (of any topic) that fell out of the replay ring before a webhook read them (the next POST says how many)",
             self.webhooks.lost.clone(),
         );
         if let Some(tls) = &self.tls {
@@ -321,7 +321,7 @@ impl Metrics {
             );
             registry.register(
                 "replicast_tls_ca_expiry_timestamp_seconds",
-                "When the first CA of the trusted bundle expires (Unix time)",
+                "When the CA of the trusted bundle that expires first expires (Unix time)",
                 tls.ca_expiry.clone(),
             );
             registry.register(

@@ -273,6 +273,7 @@ pub async fn serve(
     let http_api = match http_listener {
         Some(listener) => Some(spawn_http_api(
             listener,
+            config.max_message_bytes,
             service.clone(),
             drain_tx,
             phase.reached(Phase::Closing),
@@ -295,7 +296,7 @@ pub async fn serve(
     match &tls {
         Some((source, configs, _)) => info!(
             identity = %source.identity,
-            expires = %humantime::format_rfc3339_seconds(configs.cert_not_after),
+            expires = %crate::timestamp::rfc3339_seconds(configs.cert_not_after),
             client_certs = ?source.client_certs,
             "mTLS ON: every connection to the port is TLS; peer RPCs need the workload identity; \
              certificates reload on change and SIGHUP"

@@ -350,6 +350,17 @@ impl ReplicastService {
             }
             .into());
         }
+        if let Some(sent_at) = &decoded.sent_at
+            && crate::timestamp::from_proto(sent_at).is_none()
+        {
+            return Err(ValidationError::MalformedMessage {
+                reason: format!(
+                    "sent_at {}s {}ns is not a time between 1970 and 9999",
+                    sent_at.seconds, sent_at.nanos
+                ),
+            }
+            .into());
+        }
         Ok(())
     }
 

@@ -182,6 +182,10 @@ async fn tokens_apply_as_on_grpc() {
         response["message"].as_str().unwrap().contains("orders"),
         "{response}"
     );
+    // The drain too needs a token.
+    let (status, response) = post(&format!("{api}/v1/drain"), &[], "").await;
+    assert_eq!((status, response["code"].as_i64()), (401, Some(16)), "{response}");
+    assert_eq!(health_status(cluster.addr(0), "").await, ServingStatus::Serving);
     let _ = std::fs::remove_file(file);
     cluster.shutdown().await;
 }

@@ -302,8 +302,9 @@ pub fn delivery_json(delivery: &Delivery) -> serde_json::Value {
     let message = delivery.message.clone().unwrap_or_default();
     let sent_at = message
         .sent_at
-        .and_then(|t| std::time::SystemTime::try_from(t).ok())
-        .map(|t| humantime::format_rfc3339_micros(t).to_string());
+        .as_ref()
+        .and_then(crate::timestamp::from_proto)
+        .map(crate::timestamp::rfc3339_micros);
     let mut json = serde_json::json!({
         "sequence": delivery.sequence,
         // A decimal string, as grpcurl prints the uint64 (proto3 JSON).
@@ -345,8 +346,9 @@ pub async fn peers(args: PeersArgs) -> Result<ExitCode, CliError> {
         .into_inner();
     let resolved = view
         .resolved_at
-        .and_then(|t| std::time::SystemTime::try_from(t).ok())
-        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .as_ref()
+        .and_then(crate::timestamp::from_proto)
+        .map(crate::timestamp::rfc3339_seconds)
         .unwrap_or_else(|| "never".to_owned());
     println!("self:     {}", view.self_);
     println!("source:   {}", view.source);
@@ -372,8 +374,9 @@ fn peer_line(peer: &crate::proto::v1::Peer) -> String {
         return format!("{}  (self)", peer.address);
     }
     let time = |t: &Option<prost_types::Timestamp>| {
-        t.and_then(|t| std::time::SystemTime::try_from(t).ok())
-            .map(|t| humantime::format_rfc3339_millis(t).to_string())
+        t.as_ref()
+            .and_then(crate::timestamp::from_proto)
+            .map(crate::timestamp::rfc3339_micros)
     };
     let mut line = format!(
         "{}  {}",

@@ -81,6 +81,9 @@ pub struct LocalDelivery {
     state: Mutex<State>,
     /// The newest sequence; subscribers wait on it when caught up.
     head_tx: watch::Sender<u64>,
+    /// Followers (webhooks) among `head_tx`'s receivers, which are not
+    /// subscribers.
+    followers: Arc<std::sync::atomic::AtomicUsize>,
     limits: LocalLimits,
 }
 
@@ -106,6 +109,7 @@ impl LocalDelivery {
                 ring: ReplayRing::new(limits.replay_capacity.max(1), limits.replay_max_bytes),
             }),
             head_tx,
+            followers: Arc::default(),
             limits,
         }
     }
@@ -259,7 +263,8 @@ impl LocalDelivery {
 
     /// How many Subscribe streams are attached.
     pub fn subscriber_count(&self) -> usize {
-        self.head_tx.receiver_count()
+        let followers = self.followers.load(std::sync::atomic::Ordering::Relaxed);
+        self.head_tx.receiver_count().saturating_sub(followers)
     }
 
     /// The next deliveries after `cursor`, or why the subscriber cannot have
@@ -325,6 +330,7 @@ impl LocalDelivery {
     /// A follower of the deliveries made from now on.
     pub fn follow(self: &Arc<Self>, filter: TopicFilter) -> Follower {
         let cursor = self.lock().last_sequence;
+        self.followers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Follower {
             local: self.clone(),
             head_rx: self.head_tx.subscribe(),
@@ -382,11 +388,36 @@ impl Follower {
         }
     }
 
-    /// Deliveries made that this follower has not passed yet (of any
-    /// topic).
+    /// Deliveries made that this follower has not passed yet, of any
+    /// topic (cheap: no look at the ring).
     pub fn backlog(&self) -> u64 {
-        let passed = self.batch.front().map_or(self.cursor, |d| d.sequence - 1);
-        self.local.last_sequence().saturating_sub(passed)
+        self.local.last_sequence().saturating_sub(self.passed())
+    }
+
+    /// Of [`backlog`](Self::backlog), the deliveries still in the ring
+    /// that match the filter (one pass over the ring, under its lock).
+    pub fn matching_backlog(&self) -> u64 {
+        let state = self.local.lock();
+        let pending = state
+            .ring
+            .after(self.passed(), state.last_sequence, usize::MAX)
+            .unwrap_or_default();
+        pending
+            .iter()
+            .filter(|d| self.filter.matches(d.message.topic()))
+            .count() as u64
+    }
+
+    fn passed(&self) -> u64 {
+        self.batch.front().map_or(self.cursor, |d| d.sequence - 1)
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.local
+            .followers
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -49,7 +49,7 @@ pub struct TlsMaterial {
     pub client: Arc<ClientConfig>,
     /// When this replica's certificate expires.
     pub cert_not_after: SystemTime,
-    /// When the first CA of the bundle expires.
+    /// When the CA of the bundle that expires first expires.
     pub ca_not_after: SystemTime,
 }
 
@@ -139,12 +139,12 @@ impl TlsMaterial {
             CertificateFacts::parse(&chain[0]).map_err(|e| MaterialError::Unreadable(e.to_string()))?;
         if now < facts.not_before {
             return Err(MaterialError::NotYetValid {
-                starts: humantime::format_rfc3339_seconds(facts.not_before).to_string(),
+                starts: crate::timestamp::rfc3339_seconds(facts.not_before),
             });
         }
         if now >= facts.not_after {
             return Err(MaterialError::Expired {
-                expired: humantime::format_rfc3339_seconds(facts.not_after).to_string(),
+                expired: crate::timestamp::rfc3339_seconds(facts.not_after),
             });
         }
         if !identity.held_by(&facts.names) {

@@ -53,7 +53,7 @@ pub struct TlsMetrics {
     pub reloads: Family<ReloadLabels, Counter>,
     /// Unix time this replica's certificate expires.
     pub cert_expiry: Gauge,
-    /// Unix time the first CA of the bundle expires.
+    /// Unix time the CA of the bundle that expires first expires.
     pub ca_expiry: Gauge,
     pub handshake_failures: Family<crate::metrics::HandshakeFailureLabels, Counter>,
 }
@@ -148,7 +148,7 @@ pub async fn spawn_tls_reload(
                             .inc();
                         info!(
                             trigger,
-                            expires = %humantime::format_rfc3339_seconds(material.cert_not_after),
+                            expires = %crate::timestamp::rfc3339_seconds(material.cert_not_after),
                             "TLS certificates reloaded: new connections use them"
                         );
                         last = files;
@@ -208,8 +208,16 @@ fn watch_directories(source: &TlsSource, events: mpsc::Sender<()>) -> Option<not
         .collect();
     // Runs on notify's thread: never blocks, a full channel already holds
     // a pending reload.
-    let handler = move |_event: notify::Result<notify::Event>| {
-        let _ = events.try_send(());
+    // Reads (this task's own included) are not changes: without the
+    // filter, every reload would trigger the next.
+    let handler = move |event: notify::Result<notify::Event>| {
+        let is_change = match &event {
+            Ok(event) => !matches!(event.kind, notify::EventKind::Access(_)),
+            Err(_) => true,
+        };
+        if is_change {
+            let _ = events.try_send(());
+        }
     };
     let mut watcher = match notify::recommended_watcher(handler) {
         Ok(watcher) => watcher,

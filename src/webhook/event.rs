@@ -7,7 +7,8 @@
 //! Attributes: `id` = message id, `source` = `replicast://<origin replica>`,
 //! `type` = `io.replicast.message`, `subject` = topic, `time` = when the
 //! origin accepted it, and the extensions `sequence` (this replica's
-//! sequence number, decimal), `replicastincarnation` (this replica's
+//! sequence number, decimal zero-padded to 20 digits so that it orders as
+//! a string, as the extension requires), `replicastincarnation` (this replica's
 //! incarnation, decimal, as `subscribe` and grpcurl print it), `replicastheaders` (the message's headers
 //! as a JSON object) and, when messages were lost before this one,
 //! `replicastlost` (how many). A `content-type` message header is the
@@ -56,10 +57,13 @@ fn content_type(message: &Message) -> &str {
 }
 
 fn time(message: &Message) -> Option<String> {
-    let ts = message.sent_at.as_ref()?;
-    let at = std::time::UNIX_EPOCH
-        + std::time::Duration::new(u64::try_from(ts.seconds).ok()?, u32::try_from(ts.nanos).ok()?);
-    Some(humantime::format_rfc3339_micros(at).to_string())
+    crate::timestamp::from_proto(message.sent_at.as_ref()?).map(crate::timestamp::rfc3339_micros)
+}
+
+/// The CloudEvents `sequence` extension orders as a string: zero-padded
+/// to the 20 digits of the largest u64.
+fn sequence(sequence: u64) -> String {
+    format!("{sequence:020}")
 }
 
 /// The message headers as one JSON object, keys sorted.
@@ -94,7 +98,7 @@ pub fn build(mode: Mode, message: &Message, context: Context) -> EventRequest {
             if let Some(time) = time(message) {
                 put("ce-time", &time);
             }
-            put("ce-sequence", &context.sequence.to_string());
+            put("ce-sequence", &sequence(context.sequence));
             put("ce-replicastincarnation", &incarnation);
             if !message.headers.is_empty() {
                 put("ce-replicastheaders", &headers_json(message));
@@ -102,7 +106,11 @@ pub fn build(mode: Mode, message: &Message, context: Context) -> EventRequest {
             if context.lost_before > 0 {
                 put("ce-replicastlost", &context.lost_before.to_string());
             }
-            headers.insert(CONTENT_TYPE, ce_header(content_type(message)));
+            // A media type as is (its parameters have spaces), not
+            // percent-encoded as the ce-* attributes are.
+            let content_type = HeaderValue::from_str(content_type(message))
+                .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+            headers.insert(CONTENT_TYPE, content_type);
             EventRequest {
                 headers,
                 body: message.payload.clone(),
@@ -117,7 +125,7 @@ pub fn build(mode: Mode, message: &Message, context: Context) -> EventRequest {
                 "type": EVENT_TYPE,
                 "subject": message.topic,
                 "datacontenttype": datacontenttype,
-                "sequence": context.sequence.to_string(),
+                "sequence": sequence(context.sequence),
                 "replicastincarnation": incarnation,
             });
             let object = event.as_object_mut().expect("a JSON object");
@@ -194,7 +202,7 @@ mod tests {
         assert_eq!(h("ce-type").as_deref(), Some(EVENT_TYPE));
         assert_eq!(h("ce-subject").as_deref(), Some("cache.invalidate"));
         assert_eq!(h("ce-time").as_deref(), Some("2027-01-15T08:00:00.000005Z"));
-        assert_eq!(h("ce-sequence").as_deref(), Some("42"));
+        assert_eq!(h("ce-sequence").as_deref(), Some("00000000000000000042"));
         assert_eq!(h("ce-replicastincarnation").as_deref(), Some("2748"));
         assert_eq!(h("content-type").as_deref(), Some("application/json"));
         assert_eq!(
@@ -220,7 +228,7 @@ mod tests {
         assert_eq!(event["specversion"], "1.0");
         assert_eq!(event["id"], "m-1");
         assert_eq!(event["data"]["key"], "user:1");
-        assert_eq!(event["sequence"], "42");
+        assert_eq!(event["sequence"], "00000000000000000042");
         assert!(
             request.headers["content-type"]
                 .to_str()

@@ -2,8 +2,9 @@
 //! `webhook-id` (the message id, the same on every retry, so the app can
 //! deduplicate), `webhook-timestamp` (Unix seconds of the attempt) and
 //! `webhook-signature`: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`,
-//! one per secret, space-separated, so a secret can be rotated by adding
-//! the new one to the file, moving the app over, then removing the old.
+//! one per secret, space-separated, so a secret can be rotated: add the new
+//! one to the file, restart the replica (the file is read at start-up),
+//! move the app over, then remove the old one (and restart again).
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use hmac::{Hmac, Mac as _};

@@ -219,7 +219,8 @@ impl Sink {
             }
             backlog.set(i64::try_from(follower.backlog()).unwrap_or(i64::MAX) + in_flight.len() as i64);
         }
-        let left = follower.backlog() + in_flight.len() as u64;
+        // Exact at the end: what matched and was not handed to the app.
+        let left = follower.matching_backlog() + in_flight.len() as u64;
         backlog.set(0);
         if left > 0 {
             self.metrics.count(&name, "abandoned", left);

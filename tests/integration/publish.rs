@@ -1,6 +1,6 @@
 //! Publish: many Broadcasts on one stream, over real gRPC to real replicas.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -1,7 +1,7 @@
 //! Broadcast across real replicas: reach, membership, slow peers, ack
 //! policies and idempotent retries.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, time::Duration};
 

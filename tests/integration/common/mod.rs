@@ -1,7 +1,6 @@
 //! Test harness: real replicas on distinct 127.x.y.z addresses, one shared
 //! port (as pods of a Deployment), discovering each other through an
 //! in-process DNS server that serves the headless name.
-#![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod certs;
 

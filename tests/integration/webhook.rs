@@ -3,7 +3,7 @@
 //! does not slow Broadcast, a webhook that falls behind the ring, and
 //! Standard Webhooks signatures.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{HashMap, VecDeque},

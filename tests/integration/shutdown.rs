@@ -3,7 +3,7 @@
 //! subscribers for the drain period, then hands each subscriber everything it
 //! acknowledged, tells it to reconnect, and exits cleanly.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

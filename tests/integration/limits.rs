@@ -1,7 +1,7 @@
 //! Limits that keep one client from hurting the others, over real gRPC:
 //! each refusal names its flag, and the replica keeps serving everyone else.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Bad input gets a clear status naming the limit, and never hurts the server.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

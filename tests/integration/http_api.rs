@@ -2,7 +2,7 @@
 //! grpc-gateway statuses with the receipts in `google.rpc.Status` details,
 //! deadlines, tokens, and the drain an app can start.
 
-mod common;
+use crate::common;
 
 use std::{net::SocketAddr, time::Duration};
 

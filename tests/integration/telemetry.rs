@@ -1,7 +1,7 @@
 //! One broadcast is one trace: three replicas as separate processes of the
 //! real binary export spans over OTLP/gRPC to a receiver in this test.
 
-mod common;
+use crate::common;
 
 use std::{
     net::SocketAddr,

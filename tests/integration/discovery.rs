@@ -1,7 +1,7 @@
 //! Discovery: SRV and static sources, waiting for the first lookup, stale
 //! peer sets when DNS is down or answers SERVFAIL, and empty answers.
 
-mod common;
+use crate::common;
 
 use std::{
     net::SocketAddr,

@@ -5,7 +5,7 @@
 //! replica has no failed Broadcast, and replicas added by a scale-up get
 //! every message sent after they became ready.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},

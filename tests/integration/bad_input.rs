@@ -3,7 +3,7 @@
 //! deadlines, a flood of streams and HTTP/2 rapid reset. Each gets a status
 //! a person can act on, and the replica keeps serving everybody else.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

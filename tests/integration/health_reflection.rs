@@ -1,6 +1,6 @@
 //! grpc.health.v1 and server reflection (v1 and v1alpha), as grpcurl uses them.
 
-mod common;
+use crate::common;
 
 use common::Cluster;
 use tonic::transport::Channel;

@@ -1,6 +1,6 @@
 //! Subscribe: topic filters, resume without gap, OUT_OF_RANGE, slow subscribers.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

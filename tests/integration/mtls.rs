@@ -4,7 +4,7 @@
 //! callers without the identity, rotation of certificates and CA under
 //! load, and the reload triggers (directory watch, poll, SIGHUP).
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,

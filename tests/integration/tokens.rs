@@ -2,7 +2,7 @@
 //! the tokens file reloaded all or nothing, and a Subscribe stream that
 //! loses its permission ended with PERMISSION_DENIED.
 
-mod common;
+use crate::common;
 
 use std::{path::PathBuf, time::Duration};
 

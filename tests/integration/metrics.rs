@@ -1,6 +1,6 @@
 //! The Prometheus endpoint: scraped over real HTTP, its counters move.
 
-mod common;
+use crate::common;
 
 use common::{Cluster, free_port_on, samples, scrape, subscribe};
 use replicast::proto::v1::{AckPolicy, BroadcastRequest};

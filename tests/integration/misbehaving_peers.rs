@@ -7,7 +7,7 @@
 //!   that races the end of its drain): a transient refusal, retried, not a
 //!   final rejection.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::HashMap,

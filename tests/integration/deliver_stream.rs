@@ -3,7 +3,7 @@
 //! ack per frame, as before; one that asks gets every frame acknowledged
 //! exactly once, delivered ones possibly together.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

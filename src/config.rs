@@ -258,6 +258,13 @@ pub struct ServeArgs {
     #[arg(long, env = "REPLICAST_WEBHOOK_RETRY_AFTER_CAP", default_value = "60s", value_parser = humantime::parse_duration)]
     pub webhook_retry_after_cap: Duration,
 
+    /// A replica acknowledges a delivery (its Deliver answer, its receipt in
+    /// the Broadcast) only once every webhook taking the topic answered 2xx,
+    /// within the hop's deadline: an OK receipt then means "processed by
+    /// the app", and a failed POST fails the receipt, naming the app's answer.
+    #[arg(long, env = "REPLICAST_WEBHOOK_ACK")]
+    pub webhook_ack: bool,
+
     /// Sign the POSTs with Standard Webhooks headers (webhook-id,
     /// webhook-timestamp, webhook-signature): one whsec_<base64> secret per
     /// line; several sign with each (rotation).
@@ -439,7 +446,23 @@ fn webhooks(args: &ServeArgs) -> Result<Vec<WebhookConfig>, ConfigError> {
             max_backoff: Duration::from_secs(30),
         },
         secret_file: args.webhook_secret_file.clone(),
+        ack: args.webhook_ack,
     };
+    let given = args.webhooks.iter().filter(|w| !w.trim().is_empty()).count();
+    if args.webhook_ack && given == 0 {
+        return Err(err(
+            "webhook-ack",
+            "true".into(),
+            "needs at least one --webhook, whose answers the receipts wait for",
+        ));
+    }
+    if args.webhook_ack && given > crate::local::MAX_ACKED_WEBHOOKS {
+        return Err(err(
+            "webhook-ack",
+            format!("with {given} webhooks"),
+            "acknowledges through at most 64 webhooks",
+        ));
+    }
     args.webhooks
         .iter()
         .filter(|w| !w.trim().is_empty())

@@ -71,6 +71,11 @@ pub enum Error {
     #[error("this replica is shutting down; reconnect to another replica")]
     ShuttingDown,
 
+    /// `--webhook-ack`: delivered to this replica, but its app has not
+    /// processed it (yet).
+    #[error("delivered to this replica, not processed by its app: {0}")]
+    App(#[from] crate::local::AppFailure),
+
     #[error(
         "{limit} broadcasts are already in flight on this replica (--max-concurrent-broadcasts); \
          retry with backoff, or send to another replica"
@@ -121,6 +126,19 @@ impl Error {
                 Code::ResourceExhausted
             }
             Error::DiscoveryNotReady { .. } | Error::ShuttingDown => Code::Unavailable,
+            Error::App(failure) => {
+                use crate::local::AppFailure;
+                match failure {
+                    // Not retried by the sender: the webhook retries, and
+                    // a redelivery would only meet the same answer.
+                    AppFailure::Refused { .. } => Code::FailedPrecondition,
+                    AppFailure::Lost { .. } => Code::DataLoss,
+                    AppFailure::NotYet { .. } => Code::DeadlineExceeded,
+                    // The replica is going away: the sender may redeliver
+                    // to its next incarnation.
+                    AppFailure::Abandoned { .. } => Code::Unavailable,
+                }
+            }
             Error::PolicyNotMet {
                 deadline_exceeded: true,
                 ..
@@ -321,6 +339,16 @@ pub enum HopError {
 
 impl HopError {
     /// The gRPC code a receipt reports for this failure.
+    /// This replica's app did not process the message (`--webhook-ack`):
+    /// final for this hop, as a peer's answer would be.
+    pub fn app(failure: crate::local::AppFailure) -> Self {
+        let error = Error::App(failure);
+        Self::Rejected {
+            code: error.code(),
+            message: error.to_string(),
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
             Self::Timeout(_) => Code::DeadlineExceeded,

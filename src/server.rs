@@ -27,7 +27,7 @@ use crate::{
     service::{ReplicastService, ServiceConfig},
     telemetry::GrpcTraceLayer,
     tls::{Dialer, TlsLoadError, TlsMetrics, spawn_acceptor, spawn_tls_reload},
-    webhook::spawn_webhooks,
+    webhook::{WebhookConfig, spawn_webhooks},
 };
 
 /// Why a replica could not serve.
@@ -104,7 +104,10 @@ pub async fn serve(
             Tokens::off()
         }
     };
-    let local = Arc::new(LocalDelivery::new(config.local));
+    let local = Arc::new(LocalDelivery::with_acked_webhooks(
+        config.local,
+        WebhookConfig::acked(&config.webhooks),
+    ));
     // Started before anything is delivered: each follows every delivery.
     // A secret file that cannot be read fails start-up.
     let webhooks = spawn_webhooks(

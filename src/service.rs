@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt as _, Stream, StreamExt, future::BoxFuture};
 use tokio::{sync::watch, time::Instant};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
@@ -40,12 +40,39 @@ use crate::{
     wire::{EncodedDelivery, EncodedMessage, InboundFrame},
 };
 
+/// The ack of the frame `tag` for its delivery's result.
+fn frame_ack(tag: u64, delivered: Result<Delivered, Error>) -> DeliverAck {
+    match delivered {
+        Ok(delivered) => DeliverAck {
+            tag,
+            code: 0,
+            error: String::new(),
+            // No id: the sender knows it by the tag.
+            response: Some(DeliverResponse {
+                id: String::new(),
+                sequence: delivered.sequence,
+                duplicate: delivered.duplicate,
+            }),
+            also: Vec::new(),
+        },
+        Err(error) => DeliverAck {
+            tag,
+            code: error.code() as i32,
+            error: error.to_string(),
+            response: None,
+            also: Vec::new(),
+        },
+    }
+}
+
 type RpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Request metadata with which a DeliverStream's sender accepts batched acks.
 pub const BATCH_ACKS: &str = "replicast-batch-acks";
 /// Frames acknowledged in one batch at most.
 const ACK_BATCH: usize = 256;
+/// Frames of one DeliverStream whose acks wait for the app at once.
+const APP_WAITS_PER_STREAM: usize = 1024;
 
 /// The limits and lifecycle signals the RPC handlers work with.
 #[derive(Debug, Clone)]
@@ -303,37 +330,45 @@ impl ReplicastService {
         delivered
     }
 
-    /// Delivers one DeliverStream frame and answers it. Each message
-    /// continues the trace of the Broadcast that sent it; an empty context
-    /// means that Broadcast was not sampled: no span here either.
+    /// Delivers one DeliverStream frame and answers it.
     fn deliver_frame(&self, frame: InboundFrame) -> DeliverAck {
+        let tag = frame.tag;
+        frame_ack(tag, self.deliver_frame_only(frame))
+    }
+
+    /// Delivers one DeliverStream frame; the answer waits for the app
+    /// receipt, if the delivery has one, until a little before the sender
+    /// gives up on the frame.
+    fn deliver_frame_for_app(&self, frame: InboundFrame) -> BoxFuture<'static, DeliverAck> {
+        let arrived = Instant::now();
+        let tag = frame.tag;
+        let sender_timeout =
+            (frame.ack_timeout_ms > 0).then(|| Duration::from_millis(frame.ack_timeout_ms.into()));
+        let delivered = self.deliver_frame_only(frame);
+        let receipt = match &delivered {
+            Ok(delivered) => delivered.app_receipt.clone(),
+            Err(_) => None,
+        };
+        let Some(receipt) = receipt else {
+            return futures::future::ready(frame_ack(tag, delivered)).boxed();
+        };
+        let until = budget::app_wait_deadline(arrived, sender_timeout, self.config.peer_timeout);
+        async move {
+            let answered = receipt.wait(until).await.map_err(Error::from);
+            frame_ack(tag, answered.and(delivered))
+        }
+        .boxed()
+    }
+
+    /// Hands one frame's message to local delivery. Each message continues
+    /// the trace of the Broadcast that sent it; an empty context means that
+    /// Broadcast was not sampled: no span here either.
+    fn deliver_frame_only(&self, frame: InboundFrame) -> Result<Delivered, Error> {
         let parent = (telemetry::tracing_enabled() && !frame.trace_context.is_empty())
             .then(|| propagation::extract_map(&frame.trace_context));
         // A bad message fails its own ack; the stream carries on.
-        let delivered = self
-            .accept_frame(frame.message.as_deref())
-            .and_then(|message| self.deliver_checked(message, parent));
-        match delivered {
-            Ok(delivered) => DeliverAck {
-                tag: frame.tag,
-                code: 0,
-                error: String::new(),
-                // No id: the sender knows it by the tag.
-                response: Some(DeliverResponse {
-                    id: String::new(),
-                    sequence: delivered.sequence,
-                    duplicate: delivered.duplicate,
-                }),
-                also: Vec::new(),
-            },
-            Err(error) => DeliverAck {
-                tag: frame.tag,
-                code: error.code() as i32,
-                error: error.to_string(),
-                response: None,
-                also: Vec::new(),
-            },
-        }
+        self.accept_frame(frame.message.as_deref())
+            .and_then(|message| self.deliver_checked(message, parent))
     }
 
     fn check_message(&self, id: &str, topic: &str, decoded: &Message) -> Result<(), Error> {
@@ -415,6 +450,8 @@ impl Replicast for ReplicastService {
 
     async fn deliver(&self, request: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
         self.check_peer("Deliver", &request)?;
+        let arrived = Instant::now();
+        let sender_timeout = budget::caller_timeout(request.metadata());
         let parent = spans::current_is_sampled().then(|| {
             use tracing_opentelemetry::OpenTelemetrySpanExt as _;
             tracing::Span::current().context()
@@ -429,6 +466,10 @@ impl Replicast for ReplicastService {
         let message = EncodedMessage::encode(message);
         let id = message.id().to_owned();
         let delivered = self.deliver_checked(message, parent)?;
+        if let Some(receipt) = &delivered.app_receipt {
+            let until = budget::app_wait_deadline(arrived, sender_timeout, self.config.peer_timeout);
+            receipt.wait(until).await.map_err(Error::from)?;
+        }
         Ok(Response::new(DeliverResponse {
             id,
             sequence: delivered.sequence,
@@ -443,6 +484,24 @@ impl Replicast for ReplicastService {
         request: Request<Streaming<InboundFrame>>,
     ) -> Result<Response<Self::DeliverStreamStream>, Status> {
         self.check_peer("DeliverStream", &request)?;
+        let stopped = self.config.phase.reached(Phase::Closing);
+        if self.local.waits_for_apps() {
+            // Each ack waits for the apps (--webhook-ack), so they answer
+            // in the order the apps do: one ack per frame, as many waiting
+            // at once as APP_WAITS_PER_STREAM (then the stream stops
+            // reading, and HTTP/2 flow control holds the sender).
+            let service = self.clone();
+            let acks = request
+                .into_inner()
+                .map(move |frame| match frame {
+                    Ok(frame) => service.deliver_frame_for_app(frame).map(Ok).boxed(),
+                    Err(status) => {
+                        futures::future::ready(Err(crate::request_errors::malformed(status))).boxed()
+                    }
+                })
+                .buffer_unordered(APP_WAITS_PER_STREAM);
+            return Ok(Response::new(until_stopped(acks, stopped)));
+        }
         let batch_acks = request.metadata().get(BATCH_ACKS).is_some_and(|v| v == "1");
         let service = self.clone();
         // The frames tonic has decoded are taken together (never waiting for
@@ -482,10 +541,7 @@ impl Replicast for ReplicastService {
                 futures::stream::iter(acks)
             });
         // Peers keep delivering here while this replica drains.
-        Ok(Response::new(until_stopped(
-            acks,
-            self.config.phase.reached(Phase::Closing),
-        )))
+        Ok(Response::new(until_stopped(acks, stopped)))
     }
 
     type SubscribeStream = RpcStream<EncodedDelivery>;

@@ -178,6 +178,9 @@ pub struct OutboundFrame {
     /// See `DeliverFrame.trace_context`.
     #[prost(map = "string, string", tag = "3")]
     pub trace_context: HashMap<String, String>,
+    /// See `DeliverFrame.ack_timeout_ms`.
+    #[prost(uint32, tag = "4")]
+    pub ack_timeout_ms: u32,
 }
 
 /// `DeliverFrame` as a receiver reads it: the message's bytes as they came,
@@ -193,6 +196,9 @@ pub struct InboundFrame {
     /// See `DeliverFrame.trace_context`.
     #[prost(map = "string, string", tag = "3")]
     pub trace_context: HashMap<String, String>,
+    /// See `DeliverFrame.ack_timeout_ms`.
+    #[prost(uint32, tag = "4")]
+    pub ack_timeout_ms: u32,
 }
 
 /// `Delivery` as Subscribe writes it, around the ring's shared bytes.
@@ -293,11 +299,13 @@ mod tests {
             tag: 7,
             message: encoded.bytes().clone(),
             trace_context: HashMap::from([("traceparent".to_owned(), "00-x".to_owned())]),
+            ack_timeout_ms: 1500,
         };
         let decoded = DeliverFrame::decode(frame.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded.tag, 7);
         assert_eq!(decoded.message, Some(message()));
         assert_eq!(decoded.trace_context, frame.trace_context);
+        assert_eq!(decoded.ack_timeout_ms, 1500);
     }
 
     #[test]
@@ -306,6 +314,7 @@ mod tests {
             tag: 9,
             message: Some(message()),
             trace_context: HashMap::new(),
+            ack_timeout_ms: 0,
         };
         let inbound = InboundFrame::decode(frame.encode_to_vec().as_slice()).unwrap();
         assert_eq!(inbound.tag, 9);
@@ -318,6 +327,7 @@ mod tests {
             tag: 1,
             message: None,
             trace_context: HashMap::new(),
+            ack_timeout_ms: 0,
         };
         assert_eq!(
             InboundFrame::decode(empty.encode_to_vec().as_slice())
@@ -353,6 +363,7 @@ mod tests {
             tag: 1,
             message: EncodedMessage::encode(message()).bytes().clone(),
             trace_context: HashMap::new(),
+            ack_timeout_ms: 0,
         };
         // As tonic hands it over: one frame at the start of a larger buffer.
         let wire = frame.encode_to_vec();

@@ -44,6 +44,18 @@ fn reply_margin(timeout: Duration) -> Duration {
     (timeout / 10).min(Duration::from_millis(50))
 }
 
+/// Until when a replica may wait for its apps (`--webhook-ack`) before it
+/// answers a hop that arrived at `now`: the sender's timeout for the hop
+/// (`DeliverFrame.ack_timeout_ms`, or a unary Deliver's `grpc-timeout`)
+/// less the time the answer needs to get back, so the sender gets "the app
+/// has not answered" rather than a timeout that marks this replica as
+/// failing. A sender that said nothing gets `fallback` (this replica's
+/// own `--peer-timeout`).
+pub fn app_wait_deadline(now: Instant, sender_timeout: Option<Duration>, fallback: Duration) -> Instant {
+    let timeout = sender_timeout.filter(|t| !t.is_zero()).unwrap_or(fallback);
+    now + timeout.saturating_sub(reply_margin(timeout))
+}
+
 /// The deadlines of one Broadcast.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
@@ -79,6 +91,32 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn app_waits_end_before_the_sender_gives_up() {
+        let now = Instant::now();
+        let fallback = Duration::from_secs(2);
+        assert_eq!(
+            app_wait_deadline(now, Some(Duration::from_millis(400)), fallback),
+            now + Duration::from_millis(360),
+            "10 % for the answer"
+        );
+        assert_eq!(
+            app_wait_deadline(now, Some(Duration::from_secs(10)), fallback),
+            now + Duration::from_millis(9950),
+            "at most 50 ms"
+        );
+        assert_eq!(
+            app_wait_deadline(now, None, fallback),
+            now + Duration::from_millis(1950),
+            "the sender did not say: this replica's --peer-timeout"
+        );
+        assert_eq!(
+            app_wait_deadline(now, Some(Duration::ZERO), fallback),
+            now + Duration::from_millis(1950),
+            "0 means not said"
+        );
+    }
 
     #[test]
     fn parses_every_unit() {

@@ -643,6 +643,7 @@ impl<T: Transport> LinkTask<T> {
             tag,
             message: hop.message.bytes().clone(),
             trace_context: (*hop.trace_context).clone(),
+            ack_timeout_ms: ack_timeout_ms(self.deadlines.deadline(&hop.deadline_key)),
         };
         match session.frame_tx.try_send(frame) {
             Ok(()) => {
@@ -1052,6 +1053,13 @@ fn open_error(status: &Status) -> HopError {
 }
 
 /// 10 ms, 20 ms, 40 ms…, each 0.5x to 1.5x at random.
+/// `DeliverFrame.ack_timeout_ms`: how long from now this replica waits for
+/// the ack (at least 1: 0 means "not said").
+fn ack_timeout_ms(deadline: Instant) -> u32 {
+    let left = deadline.saturating_duration_since(Instant::now()).as_millis();
+    u32::try_from(left).unwrap_or(u32::MAX).max(1)
+}
+
 fn retry_pause(retry: u32) -> Duration {
     Duration::from_millis(10 << retry.min(6)).mul_f64(0.5 + rand::random::<f64>())
 }

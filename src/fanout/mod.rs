@@ -29,10 +29,12 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt as _;
 use tokio::{
     sync::{Semaphore, mpsc, watch},
     time::Instant,
 };
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 
 use self::policy::{Tally, Verdict};
@@ -47,7 +49,7 @@ pub use self::{
 use crate::{
     discovery::PeerSnapshot,
     error::{Error, HopError, code_name},
-    local::{Delivered, LocalDelivery},
+    local::{AppReceipt, Delivered, LocalDelivery},
     metrics::Metrics,
     proto::v1::{AckPolicy, BroadcastResponse, PeerOutcome},
     telemetry::spans::{self, SendSpan},
@@ -249,7 +251,7 @@ impl FanOut {
 
         // The network hops first, so they overlap with local delivery. The
         // channel has room for every receipt: a link never waits on it.
-        let (receipt_tx, mut receipt_rx) = mpsc::channel(remotes.max(1));
+        let (receipt_tx, receipt_rx) = mpsc::channel(remotes.max(1));
         for (slot, (addr, link)) in peers.remotes.iter().enumerate() {
             receipts.push(Receipt {
                 peer: *addr,
@@ -276,21 +278,46 @@ impl FanOut {
         drop(receipt_tx);
 
         let id = message.id().to_owned();
-        let local = self.deliver_to_self(message, send_span);
+        let (local, app_receipt) = self.deliver_to_self(message, send_span);
         // From here the hops' receipt senders hold the permit: a Broadcast
         // whose caller stops polling it (a Publish stream nobody reads)
         // releases it when its hops are done, not when it is polled again.
         drop(permit);
-        match &local {
-            Ok(_) => tally.ack(),
-            Err(_) => tally.fail(),
-        }
+        let self_slot = receipts.len();
         receipts.push(Receipt {
             peer: self.self_addr,
             local: true,
-            result: Some(local),
-            latency: started.elapsed(),
+            result: None,
+            latency: Duration::ZERO,
         });
+        // With --webhook-ack the local receipt waits for the app, as a
+        // peer's does, within the hop deadline; it then comes in with the
+        // peers' receipts.
+        let local_report = match (local, app_receipt) {
+            (Ok(acked), Some(receipt)) => futures::stream::once(async move {
+                let result = match receipt.wait(hop_deadline).await {
+                    Ok(()) => Ok(acked),
+                    Err(failure) => Err(HopError::app(failure)),
+                };
+                HopReport {
+                    slot: self_slot,
+                    result,
+                    latency: started.elapsed(),
+                }
+            })
+            .boxed(),
+            (result, _) => {
+                match &result {
+                    Ok(_) => tally.ack(),
+                    Err(_) => tally.fail(),
+                }
+                let receipt = &mut receipts[self_slot];
+                receipt.result = Some(result);
+                receipt.latency = started.elapsed();
+                futures::stream::empty().boxed()
+            }
+        };
+        let mut reports = futures::stream::select(ReceiverStream::new(receipt_rx), local_report);
 
         let mut deadline_exceeded = false;
         // Ends early only when the policy is met. Once it cannot be, the
@@ -298,7 +325,7 @@ impl FanOut {
         // the caller gets a final receipt from every replica, which is what
         // it needs to know who has the message, rather than `pending` ones.
         while tally.verdict() != Some(Verdict::Met) && tally.outstanding() > 0 {
-            match tokio::time::timeout_at(budget.deadline, receipt_rx.recv()).await {
+            match tokio::time::timeout_at(budget.deadline, reports.next()).await {
                 Ok(Some(report)) => {
                     if let Err(error) = &report.result {
                         // In the send span: the line carries its trace id.
@@ -345,20 +372,31 @@ impl FanOut {
         })
     }
 
-    /// The in-process hop, traced as a delivery like any other replica's.
-    fn deliver_to_self(&self, message: EncodedMessage, send_span: &SendSpan) -> HopResult {
+    /// The in-process hop, traced as a delivery like any other replica's;
+    /// with the app receipt to wait on (`--webhook-ack`).
+    fn deliver_to_self(
+        &self,
+        message: EncodedMessage,
+        send_span: &SendSpan,
+    ) -> (HopResult, Option<Arc<AppReceipt>>) {
         let process_span = send_span.child_process(&message);
         let delivered = deliver_locally(&self.local, &self.metrics, message, &process_span);
         match delivered {
-            Ok(delivered) => Ok(Acked {
-                sequence: delivered.sequence,
-                duplicate: delivered.duplicate,
-            }),
-            Err(Error::ShuttingDown) => Err(HopError::ShuttingDown),
-            Err(other) => Err(HopError::Rejected {
-                code: tonic::Status::from(other).code(),
-                message: "local delivery failed".into(),
-            }),
+            Ok(delivered) => (
+                Ok(Acked {
+                    sequence: delivered.sequence,
+                    duplicate: delivered.duplicate,
+                }),
+                delivered.app_receipt,
+            ),
+            Err(Error::ShuttingDown) => (Err(HopError::ShuttingDown), None),
+            Err(other) => (
+                Err(HopError::Rejected {
+                    code: tonic::Status::from(other).code(),
+                    message: "local delivery failed".into(),
+                }),
+                None,
+            ),
         }
     }
 

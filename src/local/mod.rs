@@ -15,6 +15,7 @@
 //! Everything here is synchronous and takes one short `std::sync::Mutex`
 //! critical section per message (never held across an `.await`).
 
+mod app_receipt;
 mod dedup;
 mod ring;
 mod topic;
@@ -28,7 +29,8 @@ use std::{
 use tokio::sync::watch;
 
 pub use self::{
-    dedup::DedupWindow,
+    app_receipt::{AppFailure, AppOutcome, AppReceipt, MAX_ACKED_WEBHOOKS},
+    dedup::{DedupWindow, Remembered},
     ring::{ReplayRing, StoredDelivery},
     topic::TopicFilter,
 };
@@ -64,12 +66,24 @@ pub struct RingOccupancy {
 }
 
 /// The result of handing one message to local consumers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Delivered {
     /// This replica's sequence number for the message.
     pub sequence: u64,
     /// The id was already in the dedup window; nothing was delivered again.
     pub duplicate: bool,
+    /// With `--webhook-ack`, when a webhook takes its topic: the receipt
+    /// to wait on before acknowledging (a duplicate gets the original's).
+    pub app_receipt: Option<Arc<AppReceipt>>,
+}
+
+/// A webhook whose 2xx a delivery's receipt waits for (`--webhook-ack`);
+/// its bit in [`AppReceipt`] is its index in the list.
+#[derive(Debug, Clone)]
+pub struct AckedWebhook {
+    /// How receipts name it.
+    pub name: Arc<str>,
+    pub filter: TopicFilter,
 }
 
 /// This replica's local consumers: sequence numbers, dedup, and the ring
@@ -85,6 +99,8 @@ pub struct LocalDelivery {
     /// subscribers.
     followers: Arc<std::sync::atomic::AtomicUsize>,
     limits: LocalLimits,
+    /// `--webhook-ack`: the webhooks deliveries wait for (empty: none).
+    acked_webhooks: Vec<AckedWebhook>,
 }
 
 #[derive(Debug)]
@@ -98,6 +114,13 @@ struct State {
 
 impl LocalDelivery {
     pub fn new(limits: LocalLimits) -> Self {
+        Self::with_acked_webhooks(limits, Vec::new())
+    }
+
+    /// Local delivery whose deliveries wait for `acked` webhooks' 2xx
+    /// (at most [`MAX_ACKED_WEBHOOKS`]; the configuration checks).
+    pub fn with_acked_webhooks(limits: LocalLimits, acked: Vec<AckedWebhook>) -> Self {
+        assert!(acked.len() <= MAX_ACKED_WEBHOOKS, "one bit per acked webhook");
         let (head_tx, _) = watch::channel(0);
         Self {
             // Never 0, which means "unchecked" in SubscribeRequest.
@@ -111,7 +134,25 @@ impl LocalDelivery {
             head_tx,
             followers: Arc::default(),
             limits,
+            acked_webhooks: acked,
         }
+    }
+
+    /// Whether deliveries may wait for a webhook's answer.
+    pub fn waits_for_apps(&self) -> bool {
+        !self.acked_webhooks.is_empty()
+    }
+
+    /// The receipt a new delivery on `topic` waits on, if a webhook
+    /// acknowledging that topic exists.
+    fn app_receipt_for(&self, topic: &str) -> Option<Arc<AppReceipt>> {
+        let bits = self
+            .acked_webhooks
+            .iter()
+            .enumerate()
+            .filter(|(_, hook)| hook.filter.matches(topic))
+            .fold(0u64, |bits, (bit, _)| bits | 1 << bit);
+        (bits != 0).then(|| AppReceipt::new(bits))
     }
 
     /// Delivers `message` unless its id was delivered before. Fails with
@@ -141,26 +182,47 @@ impl LocalDelivery {
             if state.closed {
                 return Err(Error::ShuttingDown);
             }
-            if let Some(sequence) = state.dedup.get(message.id(), now) {
+            if let Some(remembered) = state.dedup.get(message.id(), now) {
                 return Ok(Delivered {
-                    sequence,
+                    sequence: remembered.sequence,
                     duplicate: true,
+                    app_receipt: remembered.app_receipt.clone(),
                 });
             }
             state.last_sequence += 1;
             let sequence = state.last_sequence;
-            state.dedup.insert(message.id(), sequence, now);
+            let app_receipt = if self.acked_webhooks.is_empty() {
+                None
+            } else {
+                self.app_receipt_for(message.topic())
+            };
+            state.dedup.insert(
+                message.id(),
+                Remembered {
+                    sequence,
+                    app_receipt: app_receipt.clone(),
+                },
+                now,
+            );
+            let acked = &self.acked_webhooks;
             state.ring.push(
                 StoredDelivery {
                     sequence,
                     message,
                     trace_context,
+                    app_receipt: app_receipt.clone(),
                 },
                 size,
+                |gone| {
+                    if let Some(receipt) = &gone.app_receipt {
+                        receipt.evicted(|bit| acked[bit as usize].name.clone());
+                    }
+                },
             );
             Delivered {
                 sequence,
                 duplicate: false,
+                app_receipt,
             }
         };
         // Outside the lock: subscribers read the ring, the watch only wakes them.
@@ -315,6 +377,8 @@ pub struct Follower {
     cursor: u64,
     /// Lost since the last delivery returned.
     lost: u64,
+    /// With `--webhook-ack`, this follower's bit in the app receipts.
+    ack_bit: Option<u32>,
 }
 
 /// One delivery to a follower.
@@ -327,8 +391,9 @@ pub struct Followed {
 }
 
 impl LocalDelivery {
-    /// A follower of the deliveries made from now on.
-    pub fn follow(self: &Arc<Self>, filter: TopicFilter) -> Follower {
+    /// A follower of the deliveries made from now on; with `ack_bit`, the
+    /// webhook that answers for that bit of the app receipts.
+    pub fn follow(self: &Arc<Self>, filter: TopicFilter, ack_bit: Option<u32>) -> Follower {
         let cursor = self.lock().last_sequence;
         self.followers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Follower {
@@ -338,12 +403,15 @@ impl LocalDelivery {
             filter,
             cursor,
             lost: 0,
+            ack_bit,
         }
     }
 
     /// Up to [`READ_BATCH`] deliveries after `cursor`, and how many were
     /// evicted before it could read them (the cursor then moves past them).
-    fn read_following(&self, cursor: u64) -> Result<(Vec<StoredDelivery>, u64), Error> {
+    /// With `ack_bit`, what it reads is marked taken under the lock, so an
+    /// eviction from now on does not count it lost to that webhook.
+    fn read_following(&self, cursor: u64, ack_bit: Option<u32>) -> Result<(Vec<StoredDelivery>, u64), Error> {
         let state = self.lock();
         let last = state.last_sequence;
         let (batch, lost) = match state.ring.after(cursor, last, READ_BATCH) {
@@ -356,6 +424,13 @@ impl LocalDelivery {
         };
         if batch.is_empty() && lost == 0 && state.closed {
             return Err(Error::ShuttingDown);
+        }
+        if let Some(bit) = ack_bit {
+            for delivery in &batch {
+                if let Some(receipt) = &delivery.app_receipt {
+                    receipt.taken(bit);
+                }
+            }
         }
         Ok((batch, lost))
     }
@@ -377,7 +452,7 @@ impl Follower {
                 continue;
             }
             self.head_rx.borrow_and_update();
-            let (batch, lost) = self.local.read_following(self.cursor)?;
+            let (batch, lost) = self.local.read_following(self.cursor, self.ack_bit)?;
             self.cursor += lost;
             self.lost += lost;
             if batch.is_empty() && lost == 0 {
@@ -394,18 +469,38 @@ impl Follower {
         self.local.last_sequence().saturating_sub(self.passed())
     }
 
-    /// Of [`backlog`](Self::backlog), the deliveries still in the ring
-    /// that match the filter (one pass over the ring, under its lock).
-    pub fn matching_backlog(&self) -> u64 {
+    /// Gives up on what matches and was not handed out yet (the batch
+    /// read ahead, and the ring after it), at shutdown: returns how many,
+    /// and with `ack_bit` fails their app receipts as abandoned by
+    /// `webhook`.
+    pub fn abandon_rest(&mut self, webhook: &Arc<str>) -> u64 {
         let state = self.local.lock();
-        let pending = state
-            .ring
-            .after(self.passed(), state.last_sequence, usize::MAX)
-            .unwrap_or_default();
-        pending
-            .iter()
-            .filter(|d| self.filter.matches(d.message.topic()))
-            .count() as u64
+        let read = self.batch.back().map_or(self.cursor, |d| d.sequence);
+        let unread = match state.ring.after(read, state.last_sequence, usize::MAX) {
+            Ok(unread) => unread,
+            // Evicted unread: lost (and reported so) already.
+            Err(evicted) => state
+                .ring
+                .after(evicted.oldest.saturating_sub(1), state.last_sequence, usize::MAX)
+                .unwrap_or_default(),
+        };
+        drop(state);
+        let mut left = 0;
+        for delivery in self.batch.drain(..).chain(unread) {
+            if !self.filter.matches(delivery.message.topic()) {
+                continue;
+            }
+            left += 1;
+            if let (Some(bit), Some(receipt)) = (self.ack_bit, &delivery.app_receipt) {
+                receipt.answered(
+                    bit,
+                    Err(AppFailure::Abandoned {
+                        webhook: webhook.clone(),
+                    }),
+                );
+            }
+        }
+        left
     }
 
     fn passed(&self) -> u64 {
@@ -496,7 +591,7 @@ mod tests {
     #[tokio::test]
     async fn a_follower_is_never_cut_off_and_counts_what_it_lost() {
         let l = local(3, 1);
-        let mut follower = l.follow(TopicFilter::new(&["cache".to_owned()]));
+        let mut follower = l.follow(TopicFilter::new(&["cache".to_owned()]), None);
         for i in 0..6 {
             l.deliver(msg(&format!("m{i}"), if i % 2 == 0 { "cache" } else { "other" }))
                 .unwrap();
@@ -516,27 +611,14 @@ mod tests {
     #[test]
     fn sequences_are_consecutive_and_duplicates_keep_theirs() {
         let l = local(10, 10);
-        assert_eq!(
-            l.deliver(msg("a", "t")).unwrap(),
-            Delivered {
-                sequence: 1,
-                duplicate: false
-            }
-        );
-        assert_eq!(
-            l.deliver(msg("b", "t")).unwrap(),
-            Delivered {
-                sequence: 2,
-                duplicate: false
-            }
-        );
-        assert_eq!(
-            l.deliver(msg("a", "t")).unwrap(),
-            Delivered {
-                sequence: 1,
-                duplicate: true
-            }
-        );
+        let deliver = |id: &str| {
+            let delivered = l.deliver(msg(id, "t")).unwrap();
+            assert!(delivered.app_receipt.is_none(), "no --webhook-ack");
+            (delivered.sequence, delivered.duplicate)
+        };
+        assert_eq!(deliver("a"), (1, false));
+        assert_eq!(deliver("b"), (2, false));
+        assert_eq!(deliver("a"), (1, true));
         assert_eq!(l.last_sequence(), 2);
     }
 

@@ -5,6 +5,7 @@ use std::{
     sync::Arc,
 };
 
+use super::AppReceipt;
 use crate::wire::EncodedMessage;
 
 /// One delivery as the ring holds it: the sequence this replica gave the
@@ -17,6 +18,9 @@ pub struct StoredDelivery {
     /// delivered it, when its Broadcast is traced: a webhook POST carries
     /// it, so the app's own handler span joins the trace.
     pub trace_context: Option<Arc<HashMap<String, String>>>,
+    /// With `--webhook-ack`, when a webhook must acknowledge it: what the
+    /// app answered (the ring reports its eviction here).
+    pub app_receipt: Option<Arc<AppReceipt>>,
 }
 
 /// Keeps the most recent deliveries in sequence order: at most `capacity`
@@ -50,8 +54,8 @@ impl ReplayRing {
     }
 
     /// Appends the next delivery, `size` bytes encoded; its sequence must
-    /// follow the previous one.
-    pub fn push(&mut self, delivery: StoredDelivery, size: usize) {
+    /// follow the previous one. `evicted` sees each delivery pushed out.
+    pub fn push(&mut self, delivery: StoredDelivery, size: usize, mut evicted: impl FnMut(&StoredDelivery)) {
         debug_assert!(
             self.entries
                 .back()
@@ -61,10 +65,11 @@ impl ReplayRing {
         self.entries.push_back((delivery, size));
         self.bytes += size;
         while self.entries.len() > 1 && (self.entries.len() > self.capacity || self.bytes > self.max_bytes) {
-            let Some((_, evicted)) = self.entries.pop_front() else {
+            let Some((gone, gone_size)) = self.entries.pop_front() else {
                 break;
             };
-            self.bytes -= evicted;
+            self.bytes -= gone_size;
+            evicted(&gone);
         }
     }
 
@@ -118,7 +123,7 @@ mod tests {
     fn ring_with(capacity: usize, count: u64) -> ReplayRing {
         let mut ring = ReplayRing::new(capacity, usize::MAX);
         for sequence in 1..=count {
-            ring.push(delivery(sequence), 10);
+            ring.push(delivery(sequence), 10, |_| {});
         }
         ring
     }
@@ -126,6 +131,7 @@ mod tests {
     fn delivery(sequence: u64) -> StoredDelivery {
         StoredDelivery {
             trace_context: None,
+            app_receipt: None,
             sequence,
             message: EncodedMessage::encode(crate::proto::v1::Message::default()),
         }
@@ -156,12 +162,14 @@ mod tests {
     fn bounded_by_bytes_but_keeps_the_newest() {
         let mut ring = ReplayRing::new(100, 250);
         for sequence in 1..=5 {
-            ring.push(delivery(sequence), 100);
+            ring.push(delivery(sequence), 100, |_| {});
         }
         assert_eq!(ring.len(), 2, "two 100-byte deliveries fit in 250 bytes");
         assert_eq!(ring.bytes(), 200);
         assert_eq!(ring.after(2, 5, 100).err(), Some(Evicted { oldest: 4 }));
-        ring.push(delivery(6), 1000);
+        let mut gone = Vec::new();
+        ring.push(delivery(6), 1000, |d| gone.push(d.sequence));
+        assert_eq!(gone, vec![4, 5], "each eviction is reported");
         assert_eq!(
             seqs(ring.after(5, 6, 100).unwrap()),
             vec![6],

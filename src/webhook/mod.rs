@@ -11,7 +11,7 @@ pub mod event;
 pub mod signature;
 mod sink;
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 pub use self::sink::{WebhookMetrics, WebhookStartError, spawn_webhooks};
 use crate::local::TopicFilter;
@@ -33,6 +33,19 @@ impl WebhookConfig {
     pub fn filter(&self) -> TopicFilter {
         TopicFilter::new(&self.topics)
     }
+
+    /// The webhooks whose answers local deliveries wait for: all of them
+    /// with `--webhook-ack`, in order (webhook `i` is bit `i`).
+    pub fn acked(webhooks: &[WebhookConfig]) -> Vec<crate::local::AckedWebhook> {
+        webhooks
+            .iter()
+            .filter(|hook| hook.settings.ack)
+            .map(|hook| crate::local::AckedWebhook {
+                name: Arc::from(hook.name.as_str()),
+                filter: hook.filter(),
+            })
+            .collect()
+    }
 }
 
 /// What every webhook of a replica shares (the `--webhook-*` flags).
@@ -46,6 +59,8 @@ pub struct WebhookSettings {
     pub retry: contract::RetryPolicy,
     /// `--webhook-secret-file`: sign with Standard Webhooks headers.
     pub secret_file: Option<PathBuf>,
+    /// `--webhook-ack`: receipts wait for the app's 2xx.
+    pub ack: bool,
 }
 
 /// A `--webhook` value that cannot work; the message says why.
@@ -125,6 +140,7 @@ mod tests {
                 max_backoff: Duration::from_secs(1),
             },
             secret_file: None,
+            ack: false,
         }
     }
 

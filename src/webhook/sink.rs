@@ -31,7 +31,7 @@ use super::{
 use crate::{
     error::error_chain,
     lifecycle::{Phase, PhaseRx},
-    local::{Followed, LocalDelivery},
+    local::{AppFailure, AppOutcome, AppReceipt, Followed, LocalDelivery},
 };
 
 /// How often the backlog gauge is brought up to date at least.
@@ -109,7 +109,9 @@ pub enum WebhookStartError {
     Client(#[from] reqwest::Error),
 }
 
-/// Starts one task per webhook; each ends at Closing.
+/// Starts one task per webhook; each ends at Closing. When `local` waits
+/// for the apps (`--webhook-ack`), webhook `i` answers for bit `i` of the
+/// app receipts ([`crate::local::AppReceipt`]).
 pub async fn spawn_webhooks(
     webhooks: Vec<WebhookConfig>,
     local: Arc<LocalDelivery>,
@@ -117,7 +119,7 @@ pub async fn spawn_webhooks(
     phase: PhaseRx,
 ) -> Result<Vec<JoinHandle<()>>, WebhookStartError> {
     let mut tasks = Vec::new();
-    for webhook in webhooks {
+    for (index, webhook) in webhooks.into_iter().enumerate() {
         let secrets = match &webhook.settings.secret_file {
             Some(path) => {
                 let text =
@@ -148,6 +150,7 @@ pub async fn spawn_webhooks(
             mode = ?webhook.settings.mode,
             concurrency = webhook.settings.concurrency,
             signed = secrets.is_some(),
+            acknowledged = local.waits_for_apps(),
             "webhook: every delivery to this replica is POSTed to the app"
         );
         let span = tracing::info_span!("webhook", webhook = %webhook.name);
@@ -157,6 +160,10 @@ pub async fn spawn_webhooks(
             incarnation: local.incarnation(),
             metrics: metrics.clone(),
             started: Arc::new(AtomicBool::new(false)),
+            ack_bit: local
+                .waits_for_apps()
+                .then(|| u32::try_from(index).expect("at most 64 acked webhooks")),
+            label: Arc::from(webhook.name.as_str()),
             webhook: Arc::new(webhook),
         };
         tasks.push(tokio::spawn(
@@ -175,6 +182,10 @@ struct Sink {
     metrics: WebhookMetrics,
     /// The app has answered 2xx once (a 404 before means "still starting").
     started: Arc<AtomicBool>,
+    /// `--webhook-ack`: this webhook's bit in the app receipts.
+    ack_bit: Option<u32>,
+    /// The webhook's name, as app receipts carry it.
+    label: Arc<str>,
     webhook: Arc<WebhookConfig>,
 }
 
@@ -185,7 +196,7 @@ impl Sink {
             webhook: name.clone(),
         };
         let backlog = self.metrics.backlog.get_or_create(&labels).clone();
-        let mut follower = local.follow(self.webhook.filter());
+        let mut follower = local.follow(self.webhook.filter(), self.ack_bit);
         let mut in_flight = FuturesUnordered::new();
         let concurrency = self.webhook.settings.concurrency.max(1);
         let stopped = phase.reached(Phase::Closing);
@@ -219,8 +230,10 @@ impl Sink {
             }
             backlog.set(i64::try_from(follower.backlog()).unwrap_or(i64::MAX) + in_flight.len() as i64);
         }
-        // Exact at the end: what matched and was not handed to the app.
-        let left = follower.matching_backlog() + in_flight.len() as u64;
+        // Exact at the end: what matched and was not handed to the app. The
+        // POSTs in flight fail their app receipts as they are dropped.
+        let left = follower.abandon_rest(&self.label) + in_flight.len() as u64;
+        drop(in_flight);
         backlog.set(0);
         if left > 0 {
             self.metrics.count(&name, "abandoned", left);
@@ -232,8 +245,14 @@ impl Sink {
         }
     }
 
-    /// POSTs one delivery until the contract says done or dead letter.
+    /// POSTs one delivery until the contract says done or dead letter,
+    /// and reports that on its app receipt (if it has one, and also when
+    /// this future is dropped unfinished at shutdown).
     async fn deliver(self, followed: Followed) {
+        let mut answer_for = AppAnswer {
+            receipt: followed.delivery.app_receipt.clone().zip(self.ack_bit),
+            webhook: self.label.clone(),
+        };
         let message = followed.delivery.message.to_message();
         let request = event::build(
             self.webhook.settings.mode,
@@ -303,6 +322,7 @@ impl Sink {
             );
             match decision {
                 Decision::Done => {
+                    answer_for.answer(Ok(()));
                     self.started.store(true, Ordering::Relaxed);
                     self.metrics.count(name, "delivered", 1);
                     self.metrics
@@ -314,10 +334,15 @@ impl Sink {
                     return;
                 }
                 Decision::RetryIn(wait) => {
+                    answer_for.attempt_failed(|| format!("webhook {name}: {answer} on attempt {attempt}"));
                     self.metrics.count(name, "retried", 1);
                     tokio::time::sleep(wait).await;
                 }
                 Decision::DeadLetter(reason) => {
+                    answer_for.answer(Err(AppFailure::Refused {
+                        webhook: self.label.clone(),
+                        reason: reason.clone(),
+                    }));
                     self.metrics.count(name, "dead_lettered", 1);
                     warn!(
                         id = %message.id,
@@ -330,5 +355,35 @@ impl Sink {
                 }
             }
         }
+    }
+}
+
+/// A POST's duty to its delivery's app receipt: answered once, and as
+/// abandoned if the POST is dropped before the app answered (the replica
+/// closed), so a waiting receipt never says OK for what the app did not
+/// process.
+struct AppAnswer {
+    receipt: Option<(Arc<AppReceipt>, u32)>,
+    webhook: Arc<str>,
+}
+
+impl AppAnswer {
+    fn answer(&mut self, outcome: AppOutcome) {
+        if let Some((receipt, bit)) = self.receipt.take() {
+            receipt.answered(bit, outcome);
+        }
+    }
+
+    fn attempt_failed(&self, what: impl FnOnce() -> String) {
+        if let Some((receipt, _)) = &self.receipt {
+            receipt.attempt_failed(what());
+        }
+    }
+}
+
+impl Drop for AppAnswer {
+    fn drop(&mut self) {
+        let webhook = self.webhook.clone();
+        self.answer(Err(AppFailure::Abandoned { webhook }));
     }
 }

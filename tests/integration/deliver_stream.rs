@@ -24,6 +24,7 @@ fn frame(tag: u64, id: &str) -> DeliverFrame {
             ..Default::default()
         }),
         trace_context: HashMap::new(),
+        ack_timeout_ms: 0,
     }
 }
 
@@ -67,6 +68,7 @@ async fn a_sender_that_did_not_ask_gets_one_ack_per_frame() {
         tag: 99,
         message: None,
         trace_context: HashMap::new(),
+        ack_timeout_ms: 0,
     });
     let acks = exchange(&cluster, frames, false).await;
     assert_eq!(acks.len(), 51, "one ack per frame");
@@ -90,6 +92,7 @@ async fn a_sender_that_asked_gets_every_frame_acknowledged_exactly_once() {
             tag: 999,
             message: None,
             trace_context: HashMap::new(),
+            ack_timeout_ms: 0,
         },
     );
     let acks = exchange(&cluster, frames, true).await;

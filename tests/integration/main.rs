@@ -26,3 +26,4 @@ mod telemetry;
 mod tokens;
 mod validation;
 mod webhook;
+mod webhook_ack;

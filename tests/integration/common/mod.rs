@@ -2,6 +2,7 @@
 //! port (as pods of a Deployment), discovering each other through an
 //! in-process DNS server that serves the headless name.
 
+pub mod app;
 pub mod certs;
 
 use std::{

@@ -48,6 +48,7 @@ use crate::{
     error::{HopError, code_name, error_chain},
     metrics::{HopLabels, Metrics, PeerLabels, RedeliveryLabels},
     proto::v1::DeliverAck,
+    telemetry::propagation::debug_message,
     telemetry::spans,
     tls::Dialer,
     wire::{EncodedMessage, OutboundFrame},
@@ -649,6 +650,13 @@ impl<T: Transport> LinkTask<T> {
             Ok(()) => {
                 hop.sent = true;
                 session.unanswered_since.get_or_insert_with(Instant::now);
+                debug_message!(
+                    Some(&*hop.trace_context),
+                    message.id = hop.message.id(),
+                    tag,
+                    retries = hop.retries,
+                    "sent to peer"
+                );
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.on_transient(tag, HopError::NotReading(FRAME_QUEUE));

@@ -240,6 +240,13 @@ impl FanOut {
                 })?,
         );
         let started = Instant::now();
+        debug!(
+            message.id = message.id(),
+            topic = message.topic(),
+            ack = policy.as_str_name(),
+            replicas = peers.remotes.len() + 1,
+            "accepted"
+        );
         let hop_deadline = budget.hop_deadline(started);
         // A hop cut short by the caller's deadline says nothing about the
         // peer, and its timeout means the caller's deadline ran out.
@@ -468,8 +475,20 @@ pub fn deliver_locally(
             .filter(|c| !c.is_empty())
             .map(Arc::new)
     };
+    // A refcount, and only when the line is wanted.
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| message.clone());
     // A closed replica's refusal is recorded by the span's owner.
     let delivered = local.deliver_traced(message, trace_context)?;
+    if let Some(message) = logged {
+        debug!(
+            message.id = message.id(),
+            topic = message.topic(),
+            sequence = delivered.sequence,
+            duplicate = delivered.duplicate,
+            app_receipt = delivered.app_receipt.is_some(),
+            "delivered"
+        );
+    }
     if delivered.duplicate {
         metrics.duplicates.inc();
     } else {

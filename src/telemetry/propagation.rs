@@ -60,3 +60,46 @@ pub fn inject_metadata(span: &tracing::Span, metadata: &mut tonic::metadata::Met
     let cx = span.context();
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetadataInjector(metadata)));
 }
+
+/// The trace and span ids of a W3C context map (its `traceparent`), for
+/// log lines written outside the span that carried it (a peer link's task,
+/// a webhook's): `None` when the message is not traced.
+pub fn trace_ids(map: &HashMap<String, String>) -> Option<(&str, &str)> {
+    let mut parts = map.get("traceparent")?.split('-');
+    let (_version, trace_id, span_id) = (parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(trace_id, 32) && hex(span_id, 16)).then_some((trace_id, span_id))
+}
+
+/// A debug line about one message, carrying the trace and span ids of
+/// `$context` (an `Option` of a W3C map) when it has them. Per-message lines are debug
+/// only: at info a replica logs nothing per message.
+macro_rules! debug_message {
+    ($context:expr, $($rest:tt)+) => {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            match $context.and_then($crate::telemetry::propagation::trace_ids) {
+                Some((trace_id, span_id)) => tracing::debug!(trace_id, span_id, $($rest)+),
+                None => tracing::debug!($($rest)+),
+            }
+        }
+    };
+}
+pub(crate) use debug_message;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_come_from_a_valid_traceparent_only() {
+        let map = |v: &str| HashMap::from([("traceparent".to_owned(), v.to_owned())]);
+        let traced = map("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(
+            trace_ids(&traced),
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"))
+        );
+        assert_eq!(trace_ids(&HashMap::new()), None);
+        assert_eq!(trace_ids(&map("00-xyz-00f067aa0ba902b7-01")), None);
+        assert_eq!(trace_ids(&map("garbage")), None);
+    }
+}

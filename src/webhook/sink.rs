@@ -20,7 +20,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
 };
 use tokio::task::JoinHandle;
-use tracing::{Instrument as _, debug, info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use super::{
     WebhookConfig,
@@ -32,6 +32,7 @@ use crate::{
     error::error_chain,
     lifecycle::{Phase, PhaseRx},
     local::{AppFailure, AppOutcome, AppReceipt, Followed, LocalDelivery},
+    telemetry::propagation::debug_message,
 };
 
 /// How often the backlog gauge is brought up to date at least.
@@ -312,13 +313,14 @@ impl Sink {
                 started,
                 rand::random(),
             );
-            debug!(
-                id = %message.id,
+            debug_message!(
+                followed.delivery.trace_context.as_deref(),
+                message.id = %message.id,
                 sequence = followed.delivery.sequence,
                 attempt,
                 %answer,
                 ?decision,
-                "webhook POST"
+                "POSTed to the app"
             );
             match decision {
                 Decision::Done => {

@@ -135,18 +135,15 @@ async fn one_broadcast_is_one_trace_across_three_processes() {
     let replicas: Vec<SocketAddr> = (0..3).map(|i| hosts.addr(i)).collect();
     let dead = hosts.addr(3);
     let mut processes = Vec::new();
-    let log_path = std::env::temp_dir().join(format!("replicast-telemetry-{}.log", std::process::id()));
+    let log_paths: Vec<std::path::PathBuf> = (0..3)
+        .map(|i| std::env::temp_dir().join(format!("replicast-telemetry-{}-{i}.log", std::process::id())))
+        .collect();
     for (i, addr) in replicas.iter().enumerate() {
         drop(hosts.listeners[i].take()); // the process binds it itself
-        // Replica 0 logs hop failures (debug) as JSON to a file we read back.
-        let (stderr, rust_log) = if i == 0 {
-            (
-                Stdio::from(std::fs::File::create(&log_path).unwrap()),
-                "info,replicast::fanout=debug",
-            )
-        } else {
-            (Stdio::null(), "info")
-        };
+        // Replicas 0 and 1 log every step of every message (debug), replica
+        // 2 at info, as JSON to files read back below.
+        let stderr = Stdio::from(std::fs::File::create(&log_paths[i]).unwrap());
+        let rust_log = if i < 2 { "info,replicast=debug" } else { "info" };
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
             .args(["serve", "--listen", &addr.to_string(), "--peers-dns", HEADLESS])
             .args([
@@ -345,16 +342,75 @@ async fn one_broadcast_is_one_trace_across_three_processes() {
     expected.sort();
     assert_eq!(instances, expected, "a process span on each service.instance.id");
 
-    // The failed hop's log line carries the trace and the send span's ids.
-    let logs = std::fs::read_to_string(&log_path).unwrap();
-    let line = logs
-        .lines()
-        .find(|l| l.contains("hop failed"))
-        .unwrap_or_else(|| panic!("a 'hop failed' debug line in:\n{logs}"));
-    let json: serde_json::Value = serde_json::from_str(line).expect("JSON log lines");
-    assert_eq!(json["trace_id"], trace_id, "{line}");
-    assert_eq!(json["span_id"], to_hex(&send.span.span_id), "{line}");
-    let _ = std::fs::remove_file(&log_path);
+    // Logs: at debug, one line per message per step, each with the trace
+    // and the span it belongs to; the failed hop's too. At info, nothing
+    // per message.
+    let logs = |i: usize| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log_paths[i])
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a JSON log line ({e}): {l}")))
+            .collect()
+    };
+    let send_span = to_hex(&send.span.span_id);
+    let process_span = |i: usize| {
+        let process = processes
+            .iter()
+            .find(|p| p.instance == replicas[i].to_string())
+            .unwrap();
+        to_hex(&process.span.span_id)
+    };
+    let steps = |i: usize, step: &str| -> Vec<serde_json::Value> {
+        logs(i)
+            .into_iter()
+            .filter(|l| l["message"] == step && l["trace_id"] == trace_id)
+            .collect()
+    };
+    let origin = logs(0);
+    let accepted = steps(0, "accepted");
+    assert_eq!(
+        accepted.len(),
+        1,
+        "one 'accepted' line on the origin: {origin:#?}"
+    );
+    assert_eq!(accepted[0]["message.id"], response.id.as_str());
+    assert_eq!(accepted[0]["span_id"], send_span, "in the send span");
+    let sent = steps(0, "sent to peer");
+    assert!(
+        sent.len() >= 2
+            && sent
+                .iter()
+                .all(|l| l["span_id"] == send_span && l["message.id"] == response.id.as_str()),
+        "a 'sent to peer' line per live peer, in the send span: {origin:#?}"
+    );
+    for i in [0, 1] {
+        let delivered = steps(i, "delivered");
+        assert_eq!(
+            delivered.len(),
+            1,
+            "replica {i} delivered it once: {:#?}",
+            logs(i)
+        );
+        assert_eq!(
+            delivered[0]["span_id"],
+            process_span(i),
+            "in replica {i}'s process span"
+        );
+        assert_eq!(delivered[0]["sequence"], 1);
+    }
+    let failed = steps(0, "hop failed");
+    assert!(
+        failed.iter().any(|l| l["span_id"] == send_span),
+        "the dead peer's failure, in the send span: {origin:#?}"
+    );
+    let quiet = logs(2);
+    assert!(
+        quiet.iter().all(|l| !l.to_string().contains(&response.id)),
+        "nothing per message at info: {quiet:#?}"
+    );
+    for path in &log_paths {
+        let _ = std::fs::remove_file(path);
+    }
 
     drop(processes);
     server.abort();
@@ -473,13 +529,16 @@ async fn a_webhook_post_continues_the_broadcasts_trace_into_the_app() {
     let mut hosts = Hosts::reserve(1).await;
     let addr = hosts.addr(0);
     drop(hosts.listeners[0].take());
+    let log_path = std::env::temp_dir().join(format!("replicast-webhook-trace-{}.log", std::process::id()));
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
         .args(["serve", "--listen", &addr.to_string()])
         .args(["--webhook", &format!("http://{app}/events")])
         .args(["--otlp-endpoint", &format!("http://{otlp_addr}")])
+        .args(["--log-format", "json"])
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env("RUST_LOG", "info,replicast=debug")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
         .kill_on_drop(true)
         .spawn()
         .expect("start replicast");
@@ -523,6 +582,16 @@ async fn a_webhook_post_continues_the_broadcasts_trace_into_the_app() {
         },
     )
     .await;
+    // The POST's debug line carries the trace and the delivery span.
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let posted = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "POSTed to the app")
+        .unwrap_or_else(|| panic!("a 'POSTed to the app' line in:\n{logs}"));
+    assert_eq!(posted["trace_id"], trace_id, "{posted}");
+    assert_eq!(posted["span_id"], parts[2], "{posted}");
+    let _ = std::fs::remove_file(&log_path);
     app_task.abort();
     server.abort();
 }

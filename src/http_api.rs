@@ -37,7 +37,7 @@ use crate::{
         v1::{BroadcastRequest, ListPeersRequest},
     },
     service::ReplicastService,
-    telemetry::propagation,
+    telemetry::http_server_span,
 };
 
 /// Room in a request body beyond the base64 of its payload: topic, id,
@@ -248,19 +248,21 @@ async fn broadcast(
             );
         }
     };
-    // Continues the caller's trace, as the gRPC API does.
-    let span = tracing::info_span!("POST /v1/broadcast", otel.kind = "server");
-    if crate::telemetry::tracing_enabled() {
-        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-        let _ = span.set_parent(propagation::extract_headers(&headers));
-    }
+    // Sampled, and continuing the caller's trace, as a gRPC call is.
+    let span = http_server_span(&headers, "POST", "/v1/broadcast", remote);
     let request = grpc_request(request, &headers, remote, timeout);
-    match api.service.broadcast(request).instrument(span).await {
+    match api.service.broadcast(request).instrument(span.clone()).await {
         Ok(response) => {
             let json = to_json(response.get_ref(), &api.broadcast_response);
             (StatusCode::OK, axum::Json(json)).into_response()
         }
         Err(status) => {
+            crate::telemetry::spans::record_status(
+                &span,
+                crate::telemetry::spans::Side::Server,
+                status.code(),
+                status.message(),
+            );
             let details = broadcast_response_from_status(&status)
                 .map(|response| {
                     let mut any = to_json(&response, &api.broadcast_response);

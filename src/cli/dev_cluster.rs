@@ -55,6 +55,9 @@ pub struct DevClusterArgs {
     /// in a pod: --webhook 'http://{ip}:8000/events#topics=cache.*'.
     #[arg(long = "webhook")]
     pub webhooks: Vec<String>,
+    /// Each replica's receipt waits for its app's 2xx (`serve --webhook-ack`).
+    #[arg(long, requires = "webhooks")]
+    pub webhook_ack: bool,
 }
 
 /// Runs the cluster until Ctrl-C or SIGTERM.
@@ -94,6 +97,9 @@ pub async fn run(args: DevClusterArgs) -> Result<ExitCode, CliError> {
                 "--webhook".to_owned(),
                 webhook.replace("{ip}", &listen.ip().to_string()),
             ]);
+        }
+        if args.webhook_ack {
+            per_replica.push("--webhook-ack".to_owned());
         }
         let listen = listen.to_string();
         let dns_server = dns.addr().to_string();

@@ -33,7 +33,10 @@ use opentelemetry_sdk::{
 use tracing_subscriber::{EnvFilter, Layer, filter::Targets, prelude::*};
 
 use self::sampling::HeadSampler;
-pub use self::{logs::LogFormat, server_layer::GrpcTraceLayer};
+pub use self::{
+    logs::LogFormat,
+    server_layer::{GrpcTraceLayer, http_server_span},
+};
 
 /// Whether trace spans are being exported; checked before creating any.
 static TRACING: AtomicBool = AtomicBool::new(false);

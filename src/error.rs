@@ -30,7 +30,7 @@ pub enum Error {
     ResumeAhead { requested: u64, last: u64 },
 
     #[error(
-        "this replica restarted: it is incarnation {current:x}, not {requested:x}, and sequence numbers restart \
+        "this replica restarted: it is incarnation {current}, not {requested}, and sequence numbers restart \
          with the process; subscribe with after_sequence=0 (what was delivered during the restart is not here)"
     )]
     IncarnationChanged { requested: u64, current: u64 },

@@ -108,7 +108,7 @@ pub fn refutation(peer: SocketAddr, incarnation: u64, answer: &Result<Answer, Ca
     match answer {
         Err(error) => format!("{peer} did not answer the identity probe: {error}"),
         Ok(answer) if answer.incarnation != incarnation || answer.address != peer.to_string() => format!(
-            "{peer} answered as {} incarnation {:x}, not incarnation {incarnation:x}",
+            "{peer} answered as {} incarnation {}, not incarnation {incarnation}",
             answer.address, answer.incarnation
         ),
         Ok(answer) if answer.serving => format!("{peer} says it is serving, not draining"),

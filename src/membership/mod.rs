@@ -69,7 +69,7 @@ pub enum AnnounceError {
     )]
     TooMany { limit: usize },
     #[error(
-        "{peer} incarnation {incarnation:x} already left; a restarted replica announces its new incarnation"
+        "{peer} incarnation {incarnation} already left; a restarted replica announces its new incarnation"
     )]
     AlreadyLeft { peer: SocketAddr, incarnation: u64 },
     #[error("announcement not confirmed: {0}")]

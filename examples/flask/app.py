@@ -21,14 +21,13 @@ worker wants).
 
 Environment: ``REPLICAST_TO`` (the sidecar's gRPC address),
 ``REPLICAST_HTTP`` (its HTTP API, for PUBLISH=http), ``RECEIVE``,
-``PUBLISH``, and ``OTEL_SPANS_FILE`` to record this app's OpenTelemetry
-spans (Flask's instrumentation) as JSON lines.
+``PUBLISH``, and the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and
+``OTEL_SERVICE_NAME``) to export this app's spans (Flask's instrumentation).
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import os
 import threading
@@ -158,19 +157,17 @@ def healthz():
 
 # --- tracing: the handler's span joins the Broadcast's trace -----------------
 
-if os.environ.get("OTEL_SPANS_FILE"):
+if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+    # Flask's OpenTelemetry instrumentation, exported over OTLP/HTTP (the
+    # standard OTEL_* variables): the webhook POST carries the replica's W3C
+    # traceparent, so this app's handler span lands in the Broadcast's trace.
     from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.instrumentation.flask import FlaskInstrumentor
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    _spans = open(os.environ["OTEL_SPANS_FILE"], "a", buffering=1)  # noqa: SIM115 (lives with the process)
     provider = TracerProvider()
-    provider.add_span_processor(
-        SimpleSpanProcessor(
-            ConsoleSpanExporter(out=_spans, formatter=lambda span: json.dumps(json.loads(span.to_json())) + "\n")
-        )
-    )
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=200))
     trace.set_tracer_provider(provider)
-    # The webhook POST carries a W3C traceparent: Flask's span continues it.
     FlaskInstrumentor().instrument_app(app)

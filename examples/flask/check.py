@@ -147,13 +147,14 @@ def run(binary: str, name: str, *, worker_class: str, receive: str, publish: str
     if receive == "webhook":
         cluster += ["--webhook", f"http://{{ip}}:{app_port}/events#topics=cache.*", "--webhook-ack"]
     collector = None
+    spans_file = work / "spans.jsonl"
     if traced:
-        # replicast traces (and so sends traceparent on its POSTs) only when
-        # it exports: to a collector that takes and drops OTLP/HTTP.
+        # One OTLP/HTTP collector for replicast and the apps, as a Jaeger or
+        # Tempo would be: it writes every span it gets as a JSON line.
         collector_port = free_port()
         collector = processes.start(
             "collector",
-            [sys.executable, "-c", COLLECTOR, str(collector_port)],
+            [sys.executable, "-c", COLLECTOR, str(collector_port), str(spans_file)],
         )
         cluster += ["--otlp-endpoint", f"http://127.0.0.1:{collector_port}", "--otlp-protocol", "http/protobuf"]
     try:
@@ -166,7 +167,8 @@ def run(binary: str, name: str, *, worker_class: str, receive: str, publish: str
                 "PUBLISH": publish,
             }
             if traced:
-                env["OTEL_SPANS_FILE"] = str(work / f"spans-{ip}.jsonl")
+                env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{collector_port}"
+                env["OTEL_SERVICE_NAME"] = f"flask-app-{ip}"
             processes.start(
                 f"app-{ip}",
                 [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", worker_class,
@@ -226,22 +228,30 @@ def run(binary: str, name: str, *, worker_class: str, receive: str, publish: str
             )
             assert answer.status_code == 200, answer.text
 
-            def app_spans():
-                found = []
-                for ip in IPS:
-                    path = work / f"spans-{ip}.jsonl"
-                    for line in path.read_text().splitlines() if path.exists() else []:
-                        span = json.loads(line)
-                        if span["context"]["trace_id"] == f"0x{trace_id}" and span["kind"] == "SpanKind.SERVER":
-                            found.append(span)
-                return found if len(found) == 3 else None
+            def trace_spans():
+                if not spans_file.exists():
+                    return None
+                spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
+                ours = [s for s in spans if s["trace_id"] == trace_id]
+                apps = [s for s in ours if s["service"].startswith("flask-app")]
+                return ours if len(apps) == 3 and any(s["name"].startswith("process") for s in ours) else None
 
-            spans = eventually("each app's Flask span in the Broadcast's trace", 15, app_spans)
-            assert all(s["name"] == "POST /events" for s in spans), spans
-            assert all(s["parent_id"] and s["parent_id"] != f"0x{caller}" for s in spans), (
-                "each app span's parent is its replica's delivery span, not the caller's", spans)
-            ok(f"{name}: traced: each pod's Flask handler span (POST /events) is in the Broadcast's trace "
-               f"{trace_id}, under its replica's delivery span")
+            spans = eventually("the whole trace at the collector: replicast's spans and each app's", 20, trace_spans)
+            time.sleep(1.0)  # late spans of the same trace
+            spans = trace_spans()
+            by_id = {s["span_id"]: s for s in spans}
+            api = [s for s in spans if s["name"] == "POST /v1/broadcast"]
+            assert len(api) == 1 and api[0]["parent_span_id"] == caller, ("the API call continues the caller", spans)
+            apps = [s for s in spans if s["service"].startswith("flask-app")]
+            assert sorted(s["service"] for s in apps) == [f"flask-app-{ip}" for ip in IPS], apps
+            for span in apps:
+                assert span["name"] == "POST /events" and span["kind"] == "SERVER", span
+                parent = by_id.get(span["parent_span_id"])
+                assert parent is not None and parent["name"] == "process cache.invalidate", (
+                    "each app's handler span is the child of its replica's delivery span", span, parent)
+                assert parent["service"] == "replicast", parent
+            ok(f"{name}: traced: one trace {trace_id} at the collector holds the API call, the fan-out, "
+               "each replica's delivery and, under each, that pod's Flask handler span (POST /events)")
     except AssertionError as err:
         not_ok(f"{name}", f"{err}\n{processes.tails()}")
     finally:
@@ -256,10 +266,24 @@ def _quiet(check):
 
 
 COLLECTOR = """
-import http.server, sys
+import http.server, json, sys, threading
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+lock = threading.Lock()
+out = open(sys.argv[2], "a", buffering=1)
 class Collector(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length", 0)))
+        request = ExportTraceServiceRequest.FromString(self.rfile.read(int(self.headers.get("content-length", 0))))
+        with lock:
+            for resource_spans in request.resource_spans:
+                service = next((a.value.string_value for a in resource_spans.resource.attributes
+                                if a.key == "service.name"), "")
+                for scope in resource_spans.scope_spans:
+                    for span in scope.spans:
+                        out.write(json.dumps({
+                            "service": service, "name": span.name, "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(), "parent_span_id": span.parent_span_id.hex(),
+                            "kind": ["UNSPECIFIED", "INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER"][span.kind],
+                        }) + "\\n")
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
         self.send_header("content-length", "0")

@@ -595,3 +595,76 @@ async fn a_webhook_post_continues_the_broadcasts_trace_into_the_app() {
     app_task.abort();
     server.abort();
 }
+
+#[tokio::test]
+async fn an_http_api_broadcast_continues_the_callers_trace() {
+    let (receiver, otlp_addr, server) = start_receiver().await;
+    let mut hosts = Hosts::reserve(1).await;
+    let addr = hosts.addr(0);
+    drop(hosts.listeners[0].take());
+    let api = common::free_port_on(addr.ip()).await;
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
+        .args(["serve", "--listen", &addr.to_string()])
+        .args(["--http-listen", &api.to_string()])
+        .args(["--otlp-endpoint", &format!("http://{otlp_addr}")])
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start replicast");
+    let _process = Process(child);
+    wait_serving(addr).await;
+
+    let trace_id = "5b8efff798038103d269b633813fc60c";
+    let caller = "eee19b7ec3c1b174";
+    let answer = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://{api}/v1/broadcast"))
+        .header("traceparent", format!("00-{trace_id}-{caller}-01"))
+        .header("content-type", "application/json")
+        .body(r#"{"topic":"cache.invalidate","payload":"eA=="}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+
+    // The API call's server span continues the caller's; the send span is
+    // its child, as under a gRPC Broadcast.
+    let ours = || -> Vec<Span> {
+        receiver
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.span.trace_id == hex(trace_id))
+            .map(|s| s.span.clone())
+            .collect()
+    };
+    common::eventually("the API call's spans", Duration::from_secs(20), || async {
+        ours().len() >= 3
+    })
+    .await;
+    let spans = ours();
+    let api_span = spans
+        .iter()
+        .find(|s| s.name == "POST /v1/broadcast")
+        .unwrap_or_else(|| panic!("a POST /v1/broadcast span: {spans:#?}"));
+    assert_eq!(
+        api_span.parent_span_id,
+        hex(caller),
+        "it continues the caller's trace"
+    );
+    assert_eq!(api_span.kind, SpanKind::Server as i32);
+    let send = spans
+        .iter()
+        .find(|s| s.name == "send cache.invalidate")
+        .unwrap_or_else(|| panic!("a send span: {spans:#?}"));
+    assert_eq!(
+        send.parent_span_id, api_span.span_id,
+        "the send span is the API call's child"
+    );
+    server.abort();
+}

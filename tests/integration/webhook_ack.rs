@@ -62,6 +62,19 @@ async fn apps(n: usize) -> Vec<App> {
     apps
 }
 
+/// An app that answers nothing until its gate gets permits.
+async fn gated_app() -> (App, Arc<Semaphore>) {
+    let gate = Arc::new(Semaphore::new(0));
+    let state = AppState {
+        gate: Some(gate.clone()),
+        ..AppState::default()
+    };
+    (
+        App::start(std::net::Ipv4Addr::LOCALHOST.into(), state).await,
+        gate,
+    )
+}
+
 fn receipt<'a>(response: &'a BroadcastResponse, cluster: &Cluster, i: usize) -> &'a PeerOutcome {
     let peer = cluster.addr(i).to_string();
     response
@@ -156,17 +169,10 @@ async fn an_ok_receipt_means_the_app_answered_2xx_and_a_refusal_names_the_answer
 
 #[tokio::test]
 async fn a_slow_app_fails_its_receipt_in_time_and_its_replica_is_not_marked_failing() {
-    let gate = Arc::new(Semaphore::new(0));
+    let (slow, gate) = gated_app().await;
     let apps = vec![
         App::start(std::net::Ipv4Addr::LOCALHOST.into(), AppState::default()).await,
-        App::start(
-            std::net::Ipv4Addr::LOCALHOST.into(),
-            AppState {
-                gate: Some(gate.clone()),
-                ..AppState::default()
-            },
-        )
-        .await,
+        slow,
     ];
     // The hop gets the whole --peer-timeout, so a hop that timed out would
     // count against replica 1.
@@ -226,17 +232,8 @@ async fn a_slow_app_fails_its_receipt_in_time_and_its_replica_is_not_marked_fail
 
 #[tokio::test]
 async fn deliveries_the_ring_drops_before_the_app_reads_them_are_never_acknowledged() {
-    let gate = Arc::new(Semaphore::new(0));
-    let apps = vec![
-        App::start(
-            std::net::Ipv4Addr::LOCALHOST.into(),
-            AppState {
-                gate: Some(gate.clone()),
-                ..AppState::default()
-            },
-        )
-        .await,
-    ];
+    let (app, gate) = gated_app().await;
+    let apps = vec![app];
     let cluster = cluster_with_apps(&apps, &["--replay-capacity", "2"]).await;
     let client = cluster.client(0).await;
     let mut calls = Vec::new();
@@ -274,17 +271,8 @@ async fn deliveries_the_ring_drops_before_the_app_reads_them_are_never_acknowled
 
 #[tokio::test]
 async fn a_unary_deliver_answers_before_the_senders_deadline_naming_the_app() {
-    let gate = Arc::new(Semaphore::new(0));
-    let apps = vec![
-        App::start(
-            std::net::Ipv4Addr::LOCALHOST.into(),
-            AppState {
-                gate: Some(gate.clone()),
-                ..AppState::default()
-            },
-        )
-        .await,
-    ];
+    let (app, gate) = gated_app().await;
+    let apps = vec![app];
     let cluster = cluster_with_apps(&apps, &[]).await;
     let mut request = Request::new(DeliverRequest {
         message: Some(Message {
@@ -313,17 +301,8 @@ async fn a_unary_deliver_answers_before_the_senders_deadline_naming_the_app() {
 
 #[tokio::test]
 async fn a_replica_that_closes_before_its_app_answers_never_acknowledges() {
-    let gate = Arc::new(Semaphore::new(0));
-    let apps = vec![
-        App::start(
-            std::net::Ipv4Addr::LOCALHOST.into(),
-            AppState {
-                gate: Some(gate.clone()),
-                ..AppState::default()
-            },
-        )
-        .await,
-    ];
+    let (app, gate) = gated_app().await;
+    let apps = vec![app];
     let cluster = cluster_with_apps(&apps, &[]).await;
     let mut client = cluster.client(0).await;
     let call =

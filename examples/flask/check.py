@@ -146,13 +146,12 @@ def run(binary: str, name: str, *, worker_class: str, receive: str, publish: str
     cluster = [binary, "dev-cluster", "--port", str(grpc_port), "--quiet", "--http-port", str(api_port)]
     if receive == "webhook":
         cluster += ["--webhook", f"http://{{ip}}:{app_port}/events#topics=cache.*", "--webhook-ack"]
-    collector = None
     spans_file = work / "spans.jsonl"
     if traced:
         # One OTLP/HTTP collector for replicast and the apps, as a Jaeger or
         # Tempo would be: it writes every span it gets as a JSON line.
         collector_port = free_port()
-        collector = processes.start(
+        processes.start(
             "collector",
             [sys.executable, "-c", COLLECTOR, str(collector_port), str(spans_file)],
         )
@@ -256,7 +255,6 @@ def run(binary: str, name: str, *, worker_class: str, receive: str, publish: str
         not_ok(f"{name}", f"{err}\n{processes.tails()}")
     finally:
         processes.stop()
-    del collector
 
 
 def _quiet(check):

@@ -48,8 +48,7 @@ use crate::{
     error::{HopError, code_name, error_chain},
     metrics::{HopLabels, Metrics, PeerLabels, RedeliveryLabels},
     proto::v1::DeliverAck,
-    telemetry::propagation::debug_message,
-    telemetry::spans,
+    telemetry::{propagation::debug_message, spans},
     tls::Dialer,
     wire::{EncodedMessage, OutboundFrame},
 };
@@ -1060,7 +1059,6 @@ fn open_error(status: &Status) -> HopError {
     }
 }
 
-/// 10 ms, 20 ms, 40 ms…, each 0.5x to 1.5x at random.
 /// `DeliverFrame.ack_timeout_ms`: how long from now this replica waits for
 /// the ack (at least 1: 0 means "not said").
 fn ack_timeout_ms(deadline: Instant) -> u32 {
@@ -1068,6 +1066,7 @@ fn ack_timeout_ms(deadline: Instant) -> u32 {
     u32::try_from(left).unwrap_or(u32::MAX).max(1)
 }
 
+/// 10 ms, 20 ms, 40 ms…, each 0.5x to 1.5x at random.
 fn retry_pause(retry: u32) -> Duration {
     Duration::from_millis(10 << retry.min(6)).mul_f64(0.5 + rand::random::<f64>())
 }

@@ -191,11 +191,7 @@ impl LocalDelivery {
             }
             state.last_sequence += 1;
             let sequence = state.last_sequence;
-            let app_receipt = if self.acked_webhooks.is_empty() {
-                None
-            } else {
-                self.app_receipt_for(message.topic())
-            };
+            let app_receipt = self.app_receipt_for(message.topic());
             state.dedup.insert(
                 message.id(),
                 Remembered {

@@ -107,6 +107,27 @@ impl Drop for Process {
     }
 }
 
+/// A lone replica process on a reserved loopback address with `flags`,
+/// logging at `rust_log` to `stderr`; returned once SERVING.
+async fn lone_replica(flags: &[&str], rust_log: &str, stderr: Stdio) -> (Process, SocketAddr) {
+    let mut hosts = Hosts::reserve(1).await;
+    let addr = hosts.addr(0);
+    drop(hosts.listeners[0].take()); // the process binds it itself
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
+        .args(["serve", "--listen", &addr.to_string()])
+        .args(flags)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start replicast");
+    let process = Process(child);
+    wait_serving(addr).await;
+    (process, addr)
+}
+
 /// An OTLP/gRPC receiver on loopback, and its address.
 async fn start_receiver() -> (
     Receiver,
@@ -452,25 +473,13 @@ async fn http_protobuf_export_works_too() {
     let otlp_addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let mut hosts = Hosts::reserve(1).await;
-    let addr = hosts.addr(0);
-    drop(hosts.listeners[0].take());
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
-        .args(["serve", "--listen", &addr.to_string()])
-        .args([
-            "--otlp-endpoint",
-            &format!("http://{otlp_addr}"),
-            "--otlp-protocol",
-            "http/protobuf",
-        ])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start replicast");
-    let process = Process(child);
-    wait_serving(addr).await;
+    let endpoint = format!("http://{otlp_addr}");
+    let (process, addr) = lone_replica(
+        &["--otlp-endpoint", &endpoint, "--otlp-protocol", "http/protobuf"],
+        "info",
+        Stdio::null(),
+    )
+    .await;
     client(addr)
         .await
         .broadcast(BroadcastRequest {
@@ -526,24 +535,21 @@ async fn traceparent_recorder() -> (SocketAddr, Arc<Mutex<Vec<String>>>, tokio::
 async fn a_webhook_post_continues_the_broadcasts_trace_into_the_app() {
     let (receiver, otlp_addr, server) = start_receiver().await;
     let (app, seen, app_task) = traceparent_recorder().await;
-    let mut hosts = Hosts::reserve(1).await;
-    let addr = hosts.addr(0);
-    drop(hosts.listeners[0].take());
     let log_path = std::env::temp_dir().join(format!("replicast-webhook-trace-{}.log", std::process::id()));
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
-        .args(["serve", "--listen", &addr.to_string()])
-        .args(["--webhook", &format!("http://{app}/events")])
-        .args(["--otlp-endpoint", &format!("http://{otlp_addr}")])
-        .args(["--log-format", "json"])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env("RUST_LOG", "info,replicast=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start replicast");
-    let _process = Process(child);
-    wait_serving(addr).await;
+    let (webhook, endpoint) = (format!("http://{app}/events"), format!("http://{otlp_addr}"));
+    let (_process, addr) = lone_replica(
+        &[
+            "--webhook",
+            &webhook,
+            "--otlp-endpoint",
+            &endpoint,
+            "--log-format",
+            "json",
+        ],
+        "info,replicast=debug",
+        Stdio::from(std::fs::File::create(&log_path).unwrap()),
+    )
+    .await;
 
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let mut request = Request::new(BroadcastRequest {
@@ -599,22 +605,14 @@ async fn a_webhook_post_continues_the_broadcasts_trace_into_the_app() {
 #[tokio::test]
 async fn an_http_api_broadcast_continues_the_callers_trace() {
     let (receiver, otlp_addr, server) = start_receiver().await;
-    let mut hosts = Hosts::reserve(1).await;
-    let addr = hosts.addr(0);
-    drop(hosts.listeners[0].take());
-    let api = common::free_port_on(addr.ip()).await;
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_replicast"))
-        .args(["serve", "--listen", &addr.to_string()])
-        .args(["--http-listen", &api.to_string()])
-        .args(["--otlp-endpoint", &format!("http://{otlp_addr}")])
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start replicast");
-    let _process = Process(child);
-    wait_serving(addr).await;
+    let api = common::free_port_on(std::net::Ipv4Addr::LOCALHOST.into()).await;
+    let (api_flag, endpoint) = (api.to_string(), format!("http://{otlp_addr}"));
+    let (_process, _) = lone_replica(
+        &["--http-listen", &api_flag, "--otlp-endpoint", &endpoint],
+        "info",
+        Stdio::null(),
+    )
+    .await;
 
     let trace_id = "5b8efff798038103d269b633813fc60c";
     let caller = "eee19b7ec3c1b174";
